@@ -1,0 +1,113 @@
+"""The cloud tier: the last shard for the events no lower tier could answer.
+
+Workers are stateless and share the forward topics through a shared subscription, so more
+workers means more throughput. :class:`RawOffload` is the baseline fogsplit is measured
+against: devices send raw samples and the whole network runs here.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from fogsplit.assembly import Assembler, Event
+from fogsplit.errors import FrameError
+from fogsplit.frames import FORWARD, RAW, decode_frame
+from fogsplit.fusion import fuse
+from fogsplit.manifest import Bundle, expect_frames
+from fogsplit.mqtt import Message, Transport
+from fogsplit.results import make_result
+from fogsplit.runner import ShardRunner
+from fogsplit.service import Service, status_payload
+from fogsplit.topics import Topics, cell_of, device_of
+
+
+def cloud_stage(runner: ShardRunner, edge_feature: np.ndarray) -> np.ndarray:
+    """The cloud shard on one forwarded feature: final logits."""
+    return runner.run(edge_feature=edge_feature[None])["logits"][0]
+
+
+class CloudWorker(Service):
+    def __init__(self, transport: Transport, topics: Topics, bundle: Bundle, *, worker: str = "cloud0",
+                 threads: int = 1) -> None:
+        super().__init__(transport, topics, f"cloud/{worker}")
+        self.worker = worker
+        self.manifest = bundle.manifest
+        self.runner = ShardRunner(bundle.shard_path(self.manifest.tier_shard("cloud")), threads=threads)
+        self.expect = expect_frames(self.manifest)
+        self.answered = 0
+        self.route(topics.shared("cloud", topics.forward("+")), self.on_forward)
+
+    def start(self) -> "CloudWorker":
+        self.transport.publish(self.topics.cloud_status(self.worker),
+                               status_payload("online", model=self.manifest.model_id), retain=True)
+        self.log.info("%s: online, model %s", self.name, self.manifest.model_id)
+        return super().start()
+
+    def on_forward(self, msg: Message) -> None:
+        frame = decode_frame(msg.payload, self.expect, topic=msg.topic)
+        if frame.kind != FORWARD:
+            raise FrameError("kind", f"a {frame.kind!r} frame does not belong on the forward topic",
+                             device=frame.sender, event=frame.event, topic=msg.topic)
+        logits = cloud_stage(self.runner, frame.tensor)
+        result = make_result(logits, event=frame.event, exit="cloud", classes=self.manifest.classes,
+                             devices=list(frame.devices), captured=frame.captured, model=self.manifest.model_id)
+        self.transport.publish(self.topics.result(cell_of(msg.topic)), result.to_json())
+        self.answered += 1
+
+    def on_stop(self) -> None:
+        self.transport.publish(self.topics.cloud_status(self.worker), status_payload("offline"), retain=True)
+        self.log.info("%s: offline after %d answers", self.name, self.answered)
+
+
+def whole_network(runners: dict[str, ShardRunner], samples: dict[str, np.ndarray], sensors: list[str],
+                  edge_fusion: str) -> np.ndarray:
+    """Every shard in one place on raw samples: the cloud-only model's final logits."""
+    features = {d: runners[d].run(x=np.asarray(x, dtype=np.float32)[None])["feature"][0]
+                for d, x in samples.items()}
+    fused = fuse(features, sensors, edge_fusion)
+    edge = runners["gateway"].run(fused=fused[None])["edge_feature"][0]
+    return runners["cloud"].run(edge_feature=edge[None])["logits"][0]
+
+
+class RawOffload(Service):
+    """Cloud-only baseline: assemble raw samples per event and run the whole network."""
+
+    def __init__(self, transport: Transport, topics: Topics, bundle: Bundle, *, deadline_ms: float = 250.0,
+                 threads: int = 1) -> None:
+        super().__init__(transport, topics, "cloud/raw")
+        m = self.manifest = bundle.manifest
+        self.sensors = m.sensor_names
+        self.runners = {s: ShardRunner(bundle.shard_path(m.device_shard(s)), threads=threads) for s in self.sensors}
+        self.runners["gateway"] = ShardRunner(bundle.shard_path(m.tier_shard("gateway")), threads=threads)
+        self.runners["cloud"] = ShardRunner(bundle.shard_path(m.tier_shard("cloud")), threads=threads)
+        self.expect = expect_frames(m)
+        self.cells: dict[str, Assembler] = {}
+        self.deadline_s = deadline_ms / 1000.0
+        self.route(topics.raw("+", "+"), self.on_raw)
+
+    def on_raw(self, msg: Message) -> None:
+        frame = decode_frame(msg.payload, self.expect, topic=msg.topic)
+        if frame.kind != RAW or frame.sender not in self.sensors or frame.sender != device_of(msg.topic):
+            raise FrameError("device", f"not a raw frame of a known device ({frame.sender!r})",
+                             device=frame.sender, event=frame.event, topic=msg.topic)
+        cell = cell_of(msg.topic)
+        assembler = self.cells.setdefault(cell, Assembler(self.sensors, self.deadline_s))
+        ev = assembler.add(frame.event, frame.sender, frame.tensor, frame.captured, time.monotonic())
+        if ev is not None:
+            self._answer(cell, ev)
+
+    def next_timer(self) -> float | None:
+        return min((t for a in self.cells.values() if (t := a.next_deadline()) is not None), default=None)
+
+    def on_timer(self, now: float) -> None:
+        for cell, assembler in self.cells.items():
+            for ev in assembler.expired(now):
+                self._answer(cell, ev)
+
+    def _answer(self, cell: str, ev: Event) -> None:
+        logits = whole_network(self.runners, ev.parts, self.sensors, self.manifest.edge_fusion)
+        result = make_result(logits, event=ev.event, exit="cloud", classes=self.manifest.classes,
+                             devices=ev.devices, captured=ev.captured, model=self.manifest.model_id)
+        self.transport.publish(self.topics.result(cell), result.to_json())
+        self.cells[cell].finish(ev.event)

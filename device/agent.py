@@ -1,0 +1,134 @@
+"""The device agent: sensor -> device shard -> scores now, feature when the gateway asks.
+
+Runs on a Pi-class board with onnxruntime, numpy, paho-mqtt and msgpack only.
+"""
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+
+import numpy as np
+
+from fogsplit.frames import FEATURE, GONE, RAW, REQUEST, SCORES, decode_frame, encode_events_frame, \
+    encode_tensor_frame
+from fogsplit.manifest import Bundle, expect_frames, raw_codec
+from fogsplit.mqtt import Message, Transport
+from fogsplit.runner import ShardRunner
+from fogsplit.service import Service, status_payload
+from fogsplit.topics import Topics
+
+from fogsplit.device.sources import Capture, Source
+
+POLICIES = ("request", "eager", "raw")
+
+
+def run_device_shard(runner: ShardRunner, sample: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One sample through the device shard: (exit logits [classes], feature)."""
+    out = runner.run(x=np.asarray(sample, dtype=np.float32)[None])
+    return out["scores"][0], out["feature"][0]
+
+
+class FeatureStore:
+    """Features kept for the gateway's request, bounded in time and count."""
+
+    def __init__(self, ttl_s: float, max_items: int) -> None:
+        self.ttl_s = ttl_s
+        self.max_items = max_items
+        self._items: OrderedDict[int, tuple[float, float, np.ndarray]] = OrderedDict()
+
+    def put(self, event: int, captured: float, feature: np.ndarray, now: float) -> None:
+        self._items[event] = (now, captured, feature)
+        self.evict(now)
+
+    def get(self, event: int, now: float) -> tuple[float, np.ndarray] | None:
+        self.evict(now)
+        item = self._items.get(event)
+        return None if item is None else (item[1], item[2])
+
+    def evict(self, now: float) -> None:
+        while self._items:
+            event, (stored, _, _) = next(iter(self._items.items()))
+            if len(self._items) <= self.max_items and now - stored <= self.ttl_s:
+                break
+            self._items.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+class DeviceAgent(Service):
+    def __init__(self, transport: Transport, topics: Topics, bundle: Bundle, *, cell: str, device: str,
+                 source: Source, policy: str = "request", feature_ttl_s: float = 10.0,
+                 keep_features: int = 1024, threads: int = 1) -> None:
+        super().__init__(transport, topics, f"{cell}/{device}")
+        if policy not in POLICIES:
+            raise ValueError(f"policy {policy!r} is not one of {POLICIES}")
+        self.manifest = bundle.manifest
+        self.sensor = self.manifest.sensor(device)
+        self.cell, self.device, self.policy, self.source = cell, device, policy, source
+        self.codecs = self.manifest.codecs
+        self.runner = None if policy == "raw" else ShardRunner(
+            bundle.shard_path(self.manifest.device_shard(device)), threads=threads)
+        self.store = FeatureStore(feature_ttl_s, keep_features)
+        self.expect = expect_frames(self.manifest)
+        self.captured = 0
+        self.route(topics.request(cell), self.on_request)
+        self.spawn("capture", self._capture_loop)
+
+    def start(self) -> "DeviceAgent":
+        self.transport.publish(self.topics.device_status(self.cell, self.device),
+                               status_payload("online", model=self.manifest.model_id, policy=self.policy),
+                               retain=True)
+        self.log.info("%s: online, model %s, policy %s", self.name, self.manifest.model_id, self.policy)
+        super().start()
+        return self
+
+    def _capture_loop(self) -> None:
+        for capture in self.source.captures():
+            self.submit(self.on_capture, capture)
+
+    def on_capture(self, capture: Capture) -> None:
+        self.captured += 1
+        model = self.manifest.model_id
+        common = dict(event=capture.event, sender=self.device, captured=capture.captured, model=model)
+        if self.policy == "raw":
+            frame = encode_tensor_frame(RAW, tensor=np.asarray(capture.sample), codec=raw_codec(self.sensor), **common)
+            self.transport.publish(self.topics.raw(self.cell, self.device), frame, events=[capture.event])
+            return
+        scores, feature = run_device_shard(self.runner, capture.sample)
+        frame = encode_tensor_frame(SCORES, tensor=scores, codec=self.codecs["scores"], **common)
+        self.transport.publish(self.topics.scores(self.cell, self.device), frame, events=[capture.event])
+        if self.policy == "eager":
+            self._send_feature(capture.event, capture.captured, feature)
+        else:
+            self.store.put(capture.event, capture.captured, feature, time.monotonic())
+
+    def on_request(self, msg: Message) -> None:
+        frame = decode_frame(msg.payload, self.expect, topic=msg.topic)
+        if frame.kind != REQUEST or (frame.devices and self.device not in frame.devices):
+            return
+        gone = []
+        now = time.monotonic()
+        for event in frame.events:
+            held = self.store.get(event, now)
+            if held is None:
+                gone.append(event)
+            else:
+                self._send_feature(event, held[0], held[1])
+        if gone:
+            self.log.info("%s: %d requested features already dropped (first event %d)", self.name, len(gone), gone[0])
+            payload = encode_events_frame(GONE, sender=self.device, model=self.manifest.model_id, events=gone)
+            self.transport.publish(self.topics.feature(self.cell, self.device), payload, events=gone)
+
+    def _send_feature(self, event: int, captured: float, feature: np.ndarray) -> None:
+        frame = encode_tensor_frame(FEATURE, event=event, sender=self.device, captured=captured,
+                                    model=self.manifest.model_id, tensor=feature, codec=self.codecs["feature"])
+        self.transport.publish(self.topics.feature(self.cell, self.device), frame, events=[event])
+
+    def on_stop(self) -> None:
+        stop = getattr(self.source, "stop", None)
+        if stop:
+            stop()
+        self.transport.publish(self.topics.device_status(self.cell, self.device), status_payload("offline"),
+                               retain=True)
+        self.log.info("%s: offline after %d captures", self.name, self.captured)

@@ -1,0 +1,177 @@
+"""build model -> train -> calibrate -> split -> check -> write: the whole export."""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fogsplit.codecs import CodecSpec, calibrate_int8, payload_bytes
+from fogsplit.dataset import Dataset
+from fogsplit.manifest import Manifest, SensorSpec, write_manifest
+
+from fogsplit.export.calibrate import calibrate_thresholds, simulate_cascade
+from fogsplit.export.model import DDNN, ModelSpec, fuse_features
+from fogsplit.export.shards import ShardPlan, write_shard
+from fogsplit.export.train import predict, train
+
+log = logging.getLogger("fogsplit.export")
+MQTT_OVERHEAD = 60  # fixed header, topic and frame keys of one data frame, roughly
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    epochs: int = 12
+    seed: int = 0
+    feature_channels: int = 4
+    local_fusion: str = "max"
+    edge_fusion: str = "concat"
+    scores_codec: str = "fp16"
+    feature_codec: str = "int8"
+    forward_codec: str = "int8"
+    max_accuracy_drop: float = 0.005
+    val_fraction: float = 0.15
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.epochs <= 1000:
+            raise ValueError(f"epochs must be 1..1000, got {self.epochs}")
+        if not 1 <= self.feature_channels <= 512:
+            raise ValueError(f"feature_channels must be 1..512, got {self.feature_channels}")
+        if self.local_fusion not in ("max", "mean"):
+            raise ValueError(f"local fusion must be max or mean, got {self.local_fusion!r}")
+        if self.edge_fusion not in ("max", "mean", "concat"):
+            raise ValueError(f"edge fusion must be max, mean or concat, got {self.edge_fusion!r}")
+        for stream in ("scores_codec", "feature_codec", "forward_codec"):
+            if getattr(self, stream) not in ("fp32", "fp16", "int8"):
+                raise ValueError(f"{stream} must be fp32, fp16 or int8, got {getattr(self, stream)!r}")
+        if not 0 <= self.max_accuracy_drop <= 1:
+            raise ValueError("max_accuracy_drop must be in [0, 1]")
+        if not 0.05 <= self.val_fraction <= 0.5:
+            raise ValueError("val_fraction must be in [0.05, 0.5]")
+
+
+@dataclass
+class ExportReport:
+    manifest: Manifest
+    path: Path
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def split_validation(train_set: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset]:
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(train_set))
+    n_val = max(1, int(round(len(train_set) * fraction)))
+    return train_set.subset(np.sort(order[n_val:])), train_set.subset(np.sort(order[:n_val]))
+
+
+def as_tensor(data: Dataset) -> torch.Tensor:
+    return torch.from_numpy(data.stacked().astype(np.float32))
+
+
+def export_bundle(data: Dataset, out_dir: str | Path, options: ExportOptions | None = None) -> ExportReport:
+    """Train on ``data``'s train split, export a verified bundle to ``out_dir``."""
+    options = options or ExportOptions()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob("*.onnx"):
+        stale.unlink()
+    seconds: dict[str, float] = {}
+    t0 = time.perf_counter()
+    fit, val = split_validation(data.train(), options.val_fraction, options.seed)
+    spec = ModelSpec.for_dataset(data, feature_channels=options.feature_channels,
+                                 local_fusion=options.local_fusion, edge_fusion=options.edge_fusion)
+    torch.manual_seed(options.seed)
+    model = DDNN(spec)
+    report = train(model, fit, epochs=options.epochs, seed=options.seed, progress=options.progress)
+    seconds["train"] = time.perf_counter() - t0
+    log.info("trained %d epochs in %.1fs on %d samples", report.epochs, seconds["train"], len(fit))
+
+    t1 = time.perf_counter()
+    model.eval()
+    codecs = calibrate_codecs(model, fit, options)
+    val_logits = predict(model, val)
+    feature_values = int(np.prod(_device_feature_shape(model, val)))
+    forward_values = int(np.prod(_edge_feature_shape(model, val)))
+    point = calibrate_thresholds(
+        val_logits, val.y, max_accuracy_drop=options.max_accuracy_drop,
+        feature_cost=MQTT_OVERHEAD + len(spec.sensors) * (payload_bytes(codecs["feature"], feature_values) + MQTT_OVERHEAD),
+        forward_cost=payload_bytes(codecs["forward"], forward_values) + MQTT_OVERHEAD)
+    log.info("exit thresholds local=%.3f edge=%.3f: validation accuracy %.4f, exits %s",
+             point.local, point.edge, point.accuracy, {k: round(v, 3) for k, v in point.exit_fraction.items()})
+
+    shards = [write_shard(plan, out) for plan in shard_plans(model, val)]
+    seconds["export"] = time.perf_counter() - t1
+    manifest = Manifest(
+        model_id="", classes=data.classes,
+        sensors=tuple(SensorSpec(name=s, kind=data.kind, shape=tuple(int(d) for d in data.sample_shape),
+                                 dtype="uint8" if data.sensors[s].dtype == np.uint8 else "float32")
+                      for s in data.sensor_names),
+        shards=tuple(shards), local_fusion=spec.local_fusion, edge_fusion=spec.edge_fusion,
+        thresholds={"local": point.local, "edge": point.edge}, codecs=codecs, dataset=data.name,
+        metrics=test_metrics(model, data.test(), point.local, point.edge) | {
+            "validation_accuracy": point.accuracy, "validation_exit_fraction": point.exit_fraction,
+            "train_seconds": round(seconds["train"], 2)},
+    )
+    manifest = write_manifest(manifest, out)
+    log.info("bundle %s written to %s (%s)", manifest.model_id, out,
+             ", ".join(f"{s.name} {s.params} params" for s in shards))
+    return ExportReport(manifest=manifest, path=out, seconds=seconds)
+
+
+def shard_plans(model: DDNN, val: Dataset, batch: int = 64) -> list[ShardPlan]:
+    """The shards of ``model`` with real example inputs taken from ``val``."""
+    x = as_tensor(val.subset(np.arange(min(batch, len(val)))))
+    plans = []
+    features = []
+    with torch.no_grad():
+        for k, sensor in enumerate(model.spec.sensors):
+            plans.append(ShardPlan(f"device_{sensor}", "device", model.devices[sensor], {"x": x[:, k]},
+                                   ("scores", "feature"), sensor=sensor))
+            features.append(model.devices[sensor](x[:, k])[1])
+        present = torch.ones(x.shape[0], len(features), dtype=torch.bool)
+        fused = fuse_features(torch.stack(features, 1), present, model.spec.edge_fusion)
+        edge_feature = model.gateway(fused)[1]
+    plans.append(ShardPlan("gateway", "gateway", model.gateway, {"fused": fused}, ("logits", "edge_feature")))
+    plans.append(ShardPlan("cloud", "cloud", model.cloud, {"edge_feature": edge_feature}, ("logits",)))
+    return plans
+
+
+def calibrate_codecs(model: DDNN, data: Dataset, options: ExportOptions, limit: int = 512) -> dict[str, CodecSpec]:
+    """Codec per stream; int8 scale and zero point from the model's outputs on training data."""
+    x = as_tensor(data.subset(np.arange(min(limit, len(data)))))
+    with torch.no_grad():
+        feats = [model.devices[s](x[:, k])[1] for k, s in enumerate(model.spec.sensors)]
+        present = torch.ones(x.shape[0], len(feats), dtype=torch.bool)
+        edge = model.gateway(fuse_features(torch.stack(feats, 1), present, model.spec.edge_fusion))[1]
+    samples = {"feature": torch.stack(feats).numpy(), "forward": edge.numpy()}
+    codecs = {"scores": CodecSpec(options.scores_codec)}
+    for stream, name in (("feature", options.feature_codec), ("forward", options.forward_codec)):
+        codecs[stream] = calibrate_int8(samples[stream]) if name == "int8" else CodecSpec(name)
+    return codecs
+
+
+def test_metrics(model: DDNN, test: Dataset, local: float, edge: float) -> dict:
+    logits = predict(model, test)
+    y = test.y
+    acc = {tier: round(float((logits[tier].argmax(1) == y).mean()), 4) for tier in ("local", "edge", "cloud")}
+    per_device = (logits["device"].argmax(2) == y[:, None]).mean(0)
+    cascade, fractions = simulate_cascade(logits, y, local, edge)
+    return {"test_exit_accuracy": acc,
+            "test_device_accuracy": {s: round(float(a), 4) for s, a in zip(model.spec.sensors, per_device)},
+            "test_cascade_accuracy": round(cascade, 4),
+            "test_exit_fraction": {k: round(float(v), 4) for k, v in fractions.items()}}
+
+
+def _device_feature_shape(model: DDNN, data: Dataset) -> tuple[int, ...]:
+    x = as_tensor(data.subset(np.arange(1)))
+    with torch.no_grad():
+        return tuple(model.devices[model.spec.sensors[0]](x[:, 0])[1].shape[1:])
+
+
+def _edge_feature_shape(model: DDNN, data: Dataset) -> tuple[int, ...]:
+    return tuple(shard_plans(model, data.subset(np.arange(1)), batch=1)[-1].inputs["edge_feature"].shape[1:])
+

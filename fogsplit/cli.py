@@ -1,0 +1,331 @@
+"""``fogsplit``: one command for every part. Heavy imports happen inside each command, so the
+device command loads nothing but onnxruntime, numpy, paho-mqtt and msgpack."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from fogsplit.errors import FogsplitError
+
+log = logging.getLogger("fogsplit")
+
+
+def _positive(kind):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"{text!r} must be positive")
+        return value
+    return parse
+
+
+def _name(text: str) -> str:
+    from fogsplit.topics import check_name
+    try:
+        return check_name("the", text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _broker_url(text: str) -> str:
+    from fogsplit.mqtt import parse_broker_url
+    try:
+        parse_broker_url(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def _network_flags(p: argparse.ArgumentParser, broker_default: str | None = "mqtt://127.0.0.1:1883") -> None:
+    p.add_argument("--broker", type=_broker_url, default=broker_default,
+                   help="MQTT broker URL, mqtt://[user:pass@]host:port or mqtts://..."
+                        + ("" if broker_default is None else f" (default {broker_default})"))
+    p.add_argument("--fleet", type=_name, default="demo", help="topic namespace of this fleet (default demo)")
+
+
+def _cell_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cell", type=_name, default="cell0", help="cell of co-located devices (default cell0)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fogsplit", description=__doc__.split("\n")[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("demo", help="train, export, start every tier and stream the test set; print a report")
+    p.add_argument("--data", default="images", help="images, series, or a .npz file (default images)")
+    p.add_argument("--broker", type=_broker_url, default=None,
+                   help="use this broker instead of starting an embedded one")
+    p.add_argument("--fleet", type=_name, default="demo")
+    _cell_flag(p)
+    p.add_argument("--json", type=Path, help="also write the report as JSON here")
+    p.add_argument("--events", type=_positive(int), help="how many events the built-in generator makes")
+    p.add_argument("--rate", type=_positive(float), default=25.0, help="captures per second (default 25)")
+    p.add_argument("--epochs", type=_positive(int), default=None, help="training epochs")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workdir", type=Path, help="where the bundle goes (default: a temporary directory)")
+
+    p = sub.add_parser("data", help="write a built-in dataset as a .npz in the documented format")
+    p.add_argument("kind", choices=["images", "series"])
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--events", type=_positive(int))
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("export", help="train on a dataset and write a verified bundle of ONNX shards")
+    p.add_argument("--data", default="images", help="images, series, or a .npz file (default images)")
+    p.add_argument("--out", type=Path, required=True, help="bundle directory")
+    p.add_argument("--events", type=_positive(int), help="how many events the built-in generator makes")
+    p.add_argument("--epochs", type=_positive(int), default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--feature-channels", type=_positive(int), default=None,
+                   help="channels of the split layer (what devices send)")
+    p.add_argument("--edge-fusion", choices=["max", "mean", "concat"], default=None)
+    p.add_argument("--local-fusion", choices=["max", "mean"], default=None)
+    p.add_argument("--feature-codec", choices=["fp32", "fp16", "int8"], default=None)
+    p.add_argument("--max-accuracy-drop", type=float, default=None,
+                   help="how much accuracy the early exits may cost on validation data (default 0.005)")
+    p.add_argument("--no-progress", action="store_true")
+
+    p = sub.add_parser("device", help="run a device agent: sensor -> device shard -> MQTT")
+    p.add_argument("--bundle", type=Path, required=True)
+    p.add_argument("--device", type=_name, required=True, help="sensor name in the bundle, e.g. cam0")
+    _network_flags(p)
+    _cell_flag(p)
+    p.add_argument("--data", default="images", help="replay source: images, series, or a .npz file")
+    p.add_argument("--split", choices=["train", "test", "all"], default="test")
+    p.add_argument("--seed", type=int, default=0, help="seed of the built-in data")
+    p.add_argument("--rate", type=_positive(float), default=10.0, help="captures per second (default 10)")
+    p.add_argument("--count", type=_positive(int), help="stop after this many captures")
+    p.add_argument("--policy", choices=["request", "eager", "raw"], default="request",
+                   help="request: features on demand (default); eager: with the scores; raw: raw samples")
+    p.add_argument("--threads", type=_positive(int), default=1)
+
+    p = sub.add_parser("gateway", help="run the gateway (fog node) of one cell")
+    p.add_argument("--bundle", type=Path, required=True)
+    _network_flags(p)
+    _cell_flag(p)
+    p.add_argument("--name", type=_name, default="gw0")
+    p.add_argument("--deadline-ms", type=_positive(float), default=250.0)
+    p.add_argument("--feature-deadline-ms", type=_positive(float), default=500.0)
+    p.add_argument("--stats-period", type=_positive(float), default=5.0)
+    p.add_argument("--threads", type=_positive(int), default=1)
+
+    p = sub.add_parser("cloud", help="run a cloud worker (shares the forward topics with other workers)")
+    p.add_argument("--bundle", type=Path, required=True)
+    _network_flags(p)
+    p.add_argument("--name", type=_name, default="cloud0")
+    p.add_argument("--raw", action="store_true", help="cloud-only baseline: take raw samples, run everything")
+    p.add_argument("--threads", type=_positive(int), default=1)
+
+    p = sub.add_parser("broker", help="run the embedded MQTT broker")
+    p.add_argument("--port", type=_positive(int), default=1883)
+    p.add_argument("--host", default="127.0.0.1")
+
+    p = sub.add_parser("watch", help="print status, results, stats and errors of a fleet")
+    _network_flags(p)
+    p.add_argument("--count", type=_positive(int), help="stop after this many messages")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return COMMANDS[args.command](args) or 0
+    except (FogsplitError, ConnectionError, ValueError) as exc:
+        log.error("%s", exc)
+        print(f"fogsplit {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _wait_for_signal() -> None:
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+
+
+def cmd_data(args) -> int:
+    from fogsplit.dataset import load_data, save_npz
+    data = load_data(args.kind, seed=args.seed, events=args.events)
+    save_npz(data, args.out)
+    print(f"wrote {args.out}: {len(data)} events, sensors {data.sensor_names}, classes {list(data.classes)}")
+    return 0
+
+
+def _export_options(args):
+    from fogsplit.export.pipeline import ExportOptions
+    given = {"epochs": args.epochs, "seed": args.seed,
+             "feature_channels": getattr(args, "feature_channels", None),
+             "edge_fusion": getattr(args, "edge_fusion", None), "local_fusion": getattr(args, "local_fusion", None),
+             "feature_codec": getattr(args, "feature_codec", None),
+             "max_accuracy_drop": getattr(args, "max_accuracy_drop", None),
+             "progress": not getattr(args, "no_progress", False)}
+    return ExportOptions(**{k: v for k, v in given.items() if v is not None})
+
+
+def cmd_export(args) -> int:
+    from fogsplit.dataset import load_data
+    from fogsplit.export.pipeline import export_bundle
+    data = load_data(args.data, seed=args.seed, events=args.events)
+    report = export_bundle(data, args.out, _export_options(args))
+    m = report.manifest
+    print(f"bundle {m.model_id} in {report.path}")
+    for s in m.shards:
+        print(f"  {s.file:<22} {s.tier:<8} {s.params:>8} params {s.flops / 1e6:>8.2f} MFLOPs")
+    print(f"  thresholds {m.thresholds}; test metrics {json.dumps(m.metrics['test_exit_accuracy'])}")
+    return 0
+
+
+def _replay_samples(args, sensor: str):
+    from fogsplit.dataset import load_data
+    data = load_data(args.data, seed=args.seed)
+    if sensor not in data.sensors:
+        raise ValueError(f"--data {args.data} has no sensor {sensor!r} (it has {data.sensor_names})")
+    part = data if args.split == "all" else (data.test() if args.split == "test" else data.train())
+    return part.sensors[sensor]
+
+
+def cmd_device(args) -> int:
+    from fogsplit.device.agent import DeviceAgent
+    from fogsplit.device.sources import ReplaySource
+    from fogsplit.manifest import load_bundle
+    from fogsplit.mqtt import MqttTransport
+    from fogsplit.service import status_payload
+    from fogsplit.topics import Topics
+
+    topics = Topics(args.fleet)
+    probe = load_bundle(args.bundle, shards=[])
+    shards = [] if args.policy == "raw" else [probe.manifest.device_shard(args.device).name]
+    bundle = load_bundle(args.bundle, shards=shards)
+    source = ReplaySource(_replay_samples(args, args.device), rate=args.rate, count=args.count,
+                          loop=args.count is None)
+    transport = MqttTransport(args.broker, f"{args.fleet}-{args.cell}-{args.device}",
+                              will=(topics.device_status(args.cell, args.device), status_payload("offline")))
+    agent = DeviceAgent(transport, topics, bundle, cell=args.cell, device=args.device, source=source,
+                        policy=args.policy, threads=args.threads)
+    transport.connect()
+    agent.start()
+    _run_until_done(agent, source)
+    transport.close()
+    return 0
+
+
+def _run_until_done(service, source=None) -> None:
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    loops = getattr(service, "_loops", [])
+    while not stop.wait(0.2):
+        if source is not None and loops and not any(t.is_alive() for t in loops):
+            service.drain()
+            break
+    service.stop()
+
+
+def cmd_gateway(args) -> int:
+    from fogsplit.gateway.gateway import Gateway, GatewaySettings
+    from fogsplit.manifest import load_bundle
+    from fogsplit.mqtt import MqttTransport
+    from fogsplit.service import status_payload
+    from fogsplit.topics import Topics
+
+    topics = Topics(args.fleet)
+    settings = GatewaySettings(deadline_ms=args.deadline_ms, feature_deadline_ms=args.feature_deadline_ms,
+                               stats_period_s=args.stats_period, threads=args.threads)
+    bundle = load_bundle(args.bundle, shards=["gateway"])
+    transport = MqttTransport(args.broker, f"{args.fleet}-{args.cell}-{args.name}",
+                              will=(topics.gateway_status(args.cell, args.name), status_payload("offline")))
+    gateway = Gateway(transport, topics, bundle, cell=args.cell, gateway=args.name, settings=settings)
+    transport.connect()
+    gateway.start()
+    _run_until_done(gateway)
+    transport.close()
+    return 0
+
+
+def cmd_cloud(args) -> int:
+    from fogsplit.cloud.worker import CloudWorker, RawOffload
+    from fogsplit.manifest import load_bundle
+    from fogsplit.mqtt import MqttTransport
+    from fogsplit.service import status_payload
+    from fogsplit.topics import Topics
+
+    topics = Topics(args.fleet)
+    bundle = load_bundle(args.bundle, shards=None if args.raw else ["cloud"])
+    transport = MqttTransport(args.broker, f"{args.fleet}-{args.name}",
+                              will=(topics.cloud_status(args.name), status_payload("offline")))
+    worker = RawOffload(transport, topics, bundle, threads=args.threads) if args.raw else \
+        CloudWorker(transport, topics, bundle, worker=args.name, threads=args.threads)
+    transport.connect()
+    worker.start()
+    _run_until_done(worker)
+    transport.close()
+    return 0
+
+
+def cmd_broker(args) -> int:
+    from fogsplit.broker import EmbeddedBroker
+    with EmbeddedBroker(port=args.port, host=args.host) as url:
+        print(f"embedded broker on {url} (Ctrl+C to stop)", flush=True)
+        _wait_for_signal()
+    return 0
+
+
+def cmd_watch(args) -> int:
+    from fogsplit.mqtt import MqttTransport
+    from fogsplit.topics import Topics
+
+    topics = Topics(args.fleet)
+    seen = threading.Semaphore(0)
+    data_leaves = ("scores", "feature", "raw", "request", "forward")
+
+    def show(msg) -> None:
+        if msg.topic.rsplit("/", 1)[-1] in data_leaves:
+            return
+        print(f"{msg.topic} {msg.payload.decode(errors='replace')}", flush=True)
+        seen.release()
+
+    transport = MqttTransport(args.broker, f"watch-{threading.get_ident()}")
+    transport.subscribe(f"{topics.root}/#", show)
+    transport.connect()
+    try:
+        if args.count:
+            for _ in range(args.count):
+                seen.acquire()
+        else:
+            _wait_for_signal()
+    finally:
+        transport.close()
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from fogsplit.demo import run_demo, format_report
+    report = run_demo(data=args.data, broker=args.broker, events=args.events, rate=args.rate,
+                      options=_export_options(args), workdir=args.workdir, fleet=args.fleet, cell=args.cell)
+    print(format_report(report))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"report written to {args.json}")
+    return 0
+
+
+COMMANDS = {"demo": cmd_demo, "data": cmd_data, "export": cmd_export, "device": cmd_device,
+            "gateway": cmd_gateway, "cloud": cmd_cloud, "broker": cmd_broker, "watch": cmd_watch}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,183 @@
+"""Multi-sensor datasets in memory and on disk.
+
+On-disk format (one ``.npz``):
+
+- ``x_<sensor>``: one array per sensor, ``[N, C, H, W]`` (image) or ``[N, C, T]`` (time series);
+  every sensor of a file has the same kind and shape, so that their features can be fused.
+- ``y``: ``[N]`` integer labels in ``0..num_classes-1``.
+- ``split`` (optional): ``[N]``, 0 for train and 1 for test; otherwise a seeded 80/20 split.
+- ``classes`` (optional): ``[num_classes]`` strings; otherwise ``class0``, ``class1``, ...
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from fogsplit.errors import DataError
+
+MAX_SENSORS = 64
+SPLIT_SEED = 0
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Samples of several co-located sensors that observe the same events."""
+
+    sensors: dict[str, np.ndarray]
+    y: np.ndarray
+    split: np.ndarray
+    classes: tuple[str, ...]
+    name: str = "data"
+
+    @property
+    def sensor_names(self) -> list[str]:
+        return list(self.sensors)
+
+    @property
+    def kind(self) -> str:
+        """``image`` for ``[N, C, H, W]`` sensors, ``series`` for ``[N, C, T]``."""
+        return "image" if next(iter(self.sensors.values())).ndim == 4 else "series"
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return tuple(next(iter(self.sensors.values())).shape[1:])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def __len__(self) -> int:
+        return int(self.y.shape[0])
+
+    def subset(self, mask_or_index: np.ndarray, name: str | None = None) -> "Dataset":
+        return Dataset(
+            sensors={k: v[mask_or_index] for k, v in self.sensors.items()},
+            y=self.y[mask_or_index],
+            split=self.split[mask_or_index],
+            classes=self.classes,
+            name=name or self.name,
+        )
+
+    def train(self) -> "Dataset":
+        return self.subset(self.split == 0, f"{self.name}:train")
+
+    def test(self) -> "Dataset":
+        return self.subset(self.split == 1, f"{self.name}:test")
+
+    def stacked(self) -> np.ndarray:
+        """All sensors as one array ``[N, K, ...]`` in sensor order."""
+        return np.stack([self.sensors[k] for k in self.sensors], axis=1)
+
+
+def make_dataset(sensors: dict[str, np.ndarray], y: np.ndarray, *,
+                 split: np.ndarray | None = None, classes: list[str] | None = None,
+                 name: str = "data", source: str = "dataset") -> Dataset:
+    """Validate arrays and build a :class:`Dataset`; raises :class:`DataError` naming the array."""
+    if not sensors:
+        raise DataError(source, "no sensor arrays (expected at least one array named x_<sensor>)")
+    if len(sensors) > MAX_SENSORS:
+        raise DataError(source, f"{len(sensors)} sensors; at most {MAX_SENSORS} are supported")
+    y = np.asarray(y)
+    if y.ndim != 1:
+        raise DataError(source, f"array 'y' must have shape [N], got {list(y.shape)}")
+    if not np.issubdtype(y.dtype, np.integer):
+        raise DataError(source, f"array 'y' must hold integer labels, got dtype {y.dtype}")
+    n = y.shape[0]
+    if n < 2:
+        raise DataError(source, f"array 'y' has {n} samples; at least 2 are needed")
+    if y.min() < 0:
+        raise DataError(source, f"array 'y' has negative label {int(y.min())}")
+    shape = None
+    checked: dict[str, np.ndarray] = {}
+    for key, arr in sensors.items():
+        arr = np.asarray(arr)
+        label = f"x_{key}"
+        if not key or not key.replace("_", "").replace("-", "").isalnum() or len(key) > 32:
+            raise DataError(source, f"sensor name {key!r} must be 1-32 letters, digits, '-' or '_'")
+        if arr.ndim not in (3, 4):
+            raise DataError(source, f"array '{label}' must be [N, C, T] or [N, C, H, W], got {list(arr.shape)}")
+        if arr.shape[0] != n:
+            raise DataError(source, f"array '{label}' has {arr.shape[0]} samples but 'y' has {n}")
+        if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
+            raise DataError(source, f"array '{label}' must be numeric, got dtype {arr.dtype}")
+        if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
+            raise DataError(source, f"array '{label}' contains NaN or infinite values")
+        if shape is None:
+            shape = arr.shape[1:]
+        elif arr.shape[1:] != shape:
+            raise DataError(source, f"array '{label}' has sample shape {list(arr.shape[1:])}, "
+                                    f"others have {list(shape)}; all sensors must share one shape")
+        checked[key] = arr
+    if classes is None:
+        classes = [f"class{i}" for i in range(int(y.max()) + 1)]
+    classes = [str(c) for c in classes]
+    if int(y.max()) >= len(classes):
+        raise DataError(source, f"array 'y' has label {int(y.max())} but 'classes' names only {len(classes)}")
+    if len(classes) < 2:
+        raise DataError(source, "at least 2 classes are needed")
+    if split is None:
+        rng = np.random.default_rng(SPLIT_SEED)
+        split = (rng.random(n) >= 0.8).astype(np.int8)
+    else:
+        split = np.asarray(split)
+        if split.shape != (n,):
+            raise DataError(source, f"array 'split' must have shape [{n}], got {list(split.shape)}")
+        if not np.isin(split, (0, 1)).all():
+            raise DataError(source, "array 'split' may hold only 0 (train) and 1 (test)")
+        split = split.astype(np.int8)
+    if not (split == 0).any() or not (split == 1).any():
+        raise DataError(source, "the split leaves no train or no test samples")
+    return Dataset(sensors=checked, y=y.astype(np.int64), split=split, classes=tuple(classes), name=name)
+
+
+def load_npz(path: str | Path) -> Dataset:
+    """Read a dataset in the documented ``.npz`` format."""
+    path = Path(path)
+    source = str(path)
+    if not path.is_file():
+        raise DataError(source, "no such file")
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except Exception as exc:
+        raise DataError(source, f"not a readable .npz file ({exc})") from exc
+    with archive:
+        names = list(archive.files)
+        unknown = [k for k in names if not k.startswith("x_") and k not in ("y", "split", "classes")]
+        if unknown:
+            raise DataError(source, f"unknown arrays {unknown}; expected x_<sensor>, y, split, classes")
+        if "y" not in names:
+            raise DataError(source, "missing array 'y' (integer labels [N])")
+        try:
+            sensors = {k[2:]: archive[k] for k in names if k.startswith("x_")}
+            classes = [str(c) for c in archive["classes"]] if "classes" in names else None
+            split = archive["split"] if "split" in names else None
+            y = archive["y"]
+        except ValueError as exc:
+            raise DataError(source, f"an array could not be read ({exc})") from exc
+    return make_dataset(sensors, y, split=split, classes=classes, name=path.stem, source=source)
+
+
+def save_npz(dataset: Dataset, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arrays = {f"x_{k}": v for k, v in dataset.sensors.items()}
+    np.savez_compressed(path, y=dataset.y, split=dataset.split,
+                        classes=np.array(dataset.classes), **arrays)
+    return path
+
+
+BUILTIN = ("images", "series")
+
+
+def load_data(spec: str, *, seed: int = 0, events: int | None = None) -> Dataset:
+    """``images`` or ``series`` (built-in generators, deterministic from ``seed``) or a path to a ``.npz``."""
+    if spec in BUILTIN:
+        from fogsplit.export import datasets
+
+        make = datasets.multiview_images if spec == "images" else datasets.imu_series
+        return make(seed=seed) if events is None else make(n_events=events, seed=seed)
+    if not spec.endswith(".npz"):
+        raise DataError(spec, f"expected one of {BUILTIN} or a path to a .npz file")
+    return load_npz(spec)

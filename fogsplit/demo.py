@@ -1,0 +1,235 @@
+"""The whole path in one process: every tier on its own MQTT connection, the test set
+streamed through it, and a report of what came back."""
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from fogsplit.dataset import Dataset
+from fogsplit.manifest import Bundle
+from fogsplit.mqtt import Message, MqttTransport, WireMeter, wait_until
+from fogsplit.results import EXIT_TIERS, Result
+from fogsplit.runner import ShardRunner
+from fogsplit.service import status_payload
+from fogsplit.topics import Topics
+
+log = logging.getLogger("fogsplit.demo")
+
+
+class ResultCollector:
+    """An application: subscribes to a cell's results and notes when each arrived."""
+
+    def __init__(self, url: str, topics: Topics, cell: str, client_id: str = "collector") -> None:
+        self._lock = threading.Lock()
+        self.results: dict[int, list[tuple[Result, float]]] = {}
+        self.transport = MqttTransport(url, client_id)
+        self.transport.subscribe(topics.result(cell), self._on_result)
+        self.transport.connect()
+
+    def _on_result(self, msg: Message) -> None:
+        received = time.time()
+        result = Result.from_json(msg.payload)
+        with self._lock:
+            self.results.setdefault(result.event, []).append((result, received))
+
+    def count(self, events: set[int]) -> int:
+        with self._lock:
+            return len(events & set(self.results))
+
+    def close(self) -> None:
+        self.transport.close()
+
+
+@dataclass
+class Outcome:
+    """What one pass of the test set through the tiers produced."""
+
+    events: dict[int, int]                        # event id -> label
+    results: dict[int, list[tuple[Result, float]]]
+    bytes_by_event: dict[int, float]
+    bytes_by_leaf: dict[str, int] = field(default_factory=dict)
+
+
+def stream_test_set(url: str, bundle: Bundle, test: Dataset, *, policy: str = "request",
+                    fleet: str = "demo", cell: str = "cell0", rate: float = 25.0,
+                    missing: tuple[str, ...] = (), gateway_settings=None, settle_s: float = 5.0) -> Outcome:
+    """Start a cloud worker, a gateway and one agent per sensor, replay ``test`` through them.
+
+    ``policy`` is the devices' (``request``, ``eager``, or ``raw`` for the cloud-only baseline);
+    devices in ``missing`` are never started, as if dead.
+    """
+    from fogsplit.cloud.worker import CloudWorker, RawOffload
+    from fogsplit.device.agent import DeviceAgent
+    from fogsplit.device.sources import ReplaySource
+    from fogsplit.gateway.gateway import Gateway
+
+    topics = Topics(fleet)
+    meter = WireMeter()
+    run = f"{policy}{int(time.time() * 1000) % 100000}"
+    transports: list[MqttTransport] = []
+
+    def connect(client_id: str, will: str | None = None) -> MqttTransport:
+        t = MqttTransport(url, f"{client_id}-{run}", meter=meter,
+                          will=(will, status_payload("offline")) if will else None)
+        transports.append(t)
+        return t
+
+    collector = ResultCollector(url, topics, cell, f"collector-{run}")
+    services = []
+    if policy == "raw":
+        services.append(RawOffload(connect("raw"), topics, bundle))
+    else:
+        services.append(CloudWorker(connect("cloud0", topics.cloud_status("cloud0")), topics, bundle))
+        services.append(Gateway(connect("gw0", topics.gateway_status(cell, "gw0")), topics, bundle, cell=cell,
+                                settings=gateway_settings))
+    start_slot = math.ceil((time.time() + 1.5) * rate)
+    n = len(test)
+    sources = []
+    for sensor in bundle.manifest.sensor_names:
+        if sensor in missing:
+            continue
+        source = ReplaySource(test.sensors[sensor], rate=rate, start_slot=start_slot, count=n)
+        sources.append(source)
+        services.append(DeviceAgent(connect(sensor, topics.device_status(cell, sensor)), topics, bundle,
+                                    cell=cell, device=sensor, source=source, policy=policy))
+    if missing:
+        for sensor in missing:
+            collector.transport.publish(topics.device_status(cell, sensor), status_payload("offline"), retain=True)
+    for service in services:
+        service.transport.connect()
+    for service in services:
+        service.start()
+    events = {start_slot + i: int(test.y[i]) for i in range(n)}
+    try:
+        wanted = set(events)
+        wait_until(lambda: collector.count(wanted) == n, timeout=n / rate + 1.5 + settle_s + 30, interval=0.05)
+        time.sleep(0.3)  # a duplicate would arrive now
+    finally:
+        for service in services:
+            service.stop()
+        for t in transports:
+            t.close()
+        collector.close()
+    by_event, by_leaf = meter.snapshot()
+    return Outcome(events=events, results=dict(collector.results), bytes_by_event=by_event, bytes_by_leaf=by_leaf)
+
+
+def percentiles(values: list[float]) -> dict[str, float] | None:
+    if not values:
+        return None
+    p = np.percentile(values, [50, 95, 99])
+    return {"p50": round(float(p[0]), 2), "p95": round(float(p[1]), 2), "p99": round(float(p[2]), 2)}
+
+
+def summarize(outcome: Outcome) -> dict:
+    """Accuracy, exits, bytes and latency of one pass."""
+    n = len(outcome.events)
+    answered = {e: r for e, r in outcome.results.items() if e in outcome.events}
+    first = {e: rs[0] for e, rs in answered.items()}
+    correct = {e: r.label == outcome.events[e] for e, (r, _) in first.items()}
+    by_tier = {t: [e for e, (r, _) in first.items() if r.exit == t] for t in EXIT_TIERS}
+    latency = {t: percentiles([(recv - r.captured) * 1000 for e, (r, recv) in first.items() if r.exit == t])
+               for t in EXIT_TIERS}
+    total_bytes = sum(b for e, b in outcome.bytes_by_event.items() if e in outcome.events)
+    return {
+        "events": n,
+        "results": sum(len(rs) for rs in answered.values()),
+        "lost": n - len(answered),
+        "duplicates": sum(len(rs) - 1 for rs in answered.values()),
+        "accuracy": {"overall": round(sum(correct.values()) / n, 4) if n else None,
+                     **{t: round(float(np.mean([correct[e] for e in es])), 4) if es else None
+                        for t, es in by_tier.items()}},
+        "exit_fraction": {t: round(len(es) / n, 4) if n else 0.0 for t, es in by_tier.items()},
+        "bytes_per_event": round(total_bytes / n, 1) if n else 0.0,
+        "latency_ms": latency,
+    }
+
+
+def single_device_accuracy(bundle: Bundle, test: Dataset) -> dict[str, float]:
+    """Each device's own exit on its own, computed with its onnxruntime shard."""
+    out = {}
+    for sensor in bundle.manifest.sensor_names:
+        runner = ShardRunner(bundle.shard_path(bundle.manifest.device_shard(sensor)), threads=2)
+        scores = runner.run(x=test.sensors[sensor].astype(np.float32))["scores"]
+        out[sensor] = round(float((scores.argmax(1) == test.y).mean()), 4)
+    return out
+
+
+def build_report(fog: Outcome, raw: Outcome, single: dict[str, float]) -> dict:
+    report = summarize(fog)
+    raw_summary = summarize(raw)
+    report["raw_bytes_per_event"] = raw_summary["bytes_per_event"]
+    report["reduction"] = round(raw_summary["bytes_per_event"] / report["bytes_per_event"], 2) \
+        if report["bytes_per_event"] else None
+    report["single_device_accuracy"] = max(single.values())
+    report["device_accuracy"] = single
+    report["cloud_only_accuracy"] = raw_summary["accuracy"]["overall"]
+    report["cloud_only"] = {k: raw_summary[k] for k in ("lost", "duplicates", "latency_ms")}
+    report["bytes_by_topic"] = {k: v for k, v in sorted(fog.bytes_by_leaf.items())}
+    return report
+
+
+def run_demo(*, data: str = "images", broker: str | None = None, events: int | None = None, rate: float = 25.0,
+             options=None, workdir=None, fleet: str = "demo", cell: str = "cell0", seed: int = 0) -> dict:
+    """Train, export, start the tiers against ``broker`` (an embedded one if None), stream, report."""
+    import tempfile
+    from pathlib import Path
+
+    from fogsplit.broker import EmbeddedBroker
+    from fogsplit.dataset import load_data
+    from fogsplit.export.pipeline import ExportOptions, export_bundle
+    from fogsplit.manifest import load_bundle
+
+    options = options or ExportOptions(seed=seed)
+    started = time.perf_counter()
+    dataset = load_data(data, seed=options.seed, events=events)
+    with tempfile.TemporaryDirectory(prefix="fogsplit-") as tmp:
+        bundle_dir = Path(workdir) / "bundle" if workdir else Path(tmp) / "bundle"
+        export = export_bundle(dataset, bundle_dir, options)
+        bundle = load_bundle(bundle_dir)
+        test = dataset.test()
+        embedded = None if broker else EmbeddedBroker().start()
+        url = broker or embedded.url
+        try:
+            log.info("streaming %d test events at %.0f/s through %s", len(test), rate, url)
+            fog = stream_test_set(url, bundle, test, fleet=fleet, cell=cell, rate=rate)
+            log.info("streaming them again as raw samples to the cloud-only model")
+            raw = stream_test_set(url, bundle, test, policy="raw", fleet=fleet, cell=cell, rate=rate)
+        finally:
+            if embedded:
+                embedded.stop()
+        report = build_report(fog, raw, single_device_accuracy(bundle, test))
+    report = {"data": dataset.name, "model": bundle.manifest.model_id, "broker": "embedded" if embedded else url,
+              **report, "thresholds": bundle.manifest.thresholds,
+              "seconds": {"train": round(export.seconds["train"], 1), "total": round(time.perf_counter() - started, 1)}}
+    return report
+
+
+def format_report(r: dict) -> str:
+    def pct(x):
+        return "-" if x is None else f"{100 * x:.1f}%"
+
+    def lat(tier):
+        v = r["latency_ms"][tier]
+        return "-" if v is None else f"{v['p50']:.1f}/{v['p95']:.1f}/{v['p99']:.1f}"
+
+    a, x = r["accuracy"], r["exit_fraction"]
+    lines = [
+        f"fogsplit demo: data {r['data']}, model {r['model']}, broker {r['broker']}",
+        f"  events {r['events']}  results {r['results']}  lost {r['lost']}  duplicates {r['duplicates']}",
+        f"  accuracy     overall {pct(a['overall'])}  local {pct(a['local'])}  edge {pct(a['edge'])}  "
+        f"cloud {pct(a['cloud'])}",
+        f"  exits        local {pct(x['local'])}  edge {pct(x['edge'])}  cloud {pct(x['cloud'])}",
+        f"  bytes/event  {r['bytes_per_event']:.0f}  raw offload {r['raw_bytes_per_event']:.0f}  "
+        f"reduction {r['reduction']}x",
+        f"  latency ms   p50/p95/p99  local {lat('local')}  edge {lat('edge')}  cloud {lat('cloud')}",
+        f"  best single device {pct(r['single_device_accuracy'])}  cloud-only on raw data "
+        f"{pct(r['cloud_only_accuracy'])}",
+        f"  time         training {r['seconds']['train']}s, total {r['seconds']['total']}s",
+    ]
+    return "\n".join(lines)

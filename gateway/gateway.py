@@ -1,0 +1,233 @@
+"""The gateway (fog node) of one cell: assemble, fuse, exit early, ask, run, forward."""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from fogsplit.assembly import Assembler, Event
+from fogsplit.errors import FrameError
+from fogsplit.frames import FEATURE, FORWARD, GONE, REQUEST, SCORES, decode_frame, encode_events_frame, \
+    encode_tensor_frame
+from fogsplit.fusion import fuse
+from fogsplit.manifest import Bundle, expect_frames
+from fogsplit.mqtt import Message, Transport
+from fogsplit.results import make_result
+from fogsplit.runner import ShardRunner
+from fogsplit.service import Service, status_payload
+from fogsplit.topics import Topics, device_of
+
+from fogsplit.gateway.stages import edge_stage, local_stage
+
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    deadline_ms: float = 250.0          # wait for the cell's scores
+    feature_deadline_ms: float = 500.0  # wait for requested features
+    stats_period_s: float = 5.0
+    threads: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("deadline_ms", "feature_deadline_ms", "stats_period_s"):
+            if not 0 < getattr(self, name) <= 600_000:
+                raise ValueError(f"{name} must be positive and at most 600000, got {getattr(self, name)}")
+        if not 1 <= self.threads <= 64:
+            raise ValueError(f"threads must be 1..64, got {self.threads}")
+
+
+@dataclass
+class GatewayStats:
+    """The snapshot published on ``.../gateway/{gw}/stats``."""
+
+    gateway: str
+    cell: str
+    model: str
+    uptime_s: float = 0.0
+    events: int = 0
+    exits: dict[str, int] = field(default_factory=lambda: {"local": 0, "edge": 0, "cloud": 0})
+    degraded: int = 0
+    requests: int = 0
+    refused: int = 0
+    open_events: int = 0
+    online_devices: list[str] = field(default_factory=list)
+    bytes_out: int = 0
+
+
+class Gateway(Service):
+    def __init__(self, transport: Transport, topics: Topics, bundle: Bundle, *, cell: str,
+                 gateway: str = "gw0", settings: GatewaySettings | None = None) -> None:
+        super().__init__(transport, topics, f"{cell}/{gateway}")
+        self.settings = settings or GatewaySettings()
+        self.manifest = m = bundle.manifest
+        self.cell, self.gateway = cell, gateway
+        self.sensors = m.sensor_names
+        self.thresholds = dict(m.thresholds)
+        self.runner = ShardRunner(bundle.shard_path(m.tier_shard("gateway")), threads=self.settings.threads)
+        self.expect = expect_frames(m)
+        self.assembler = Assembler(self.sensors, self.settings.deadline_ms / 1000.0)
+        self.stats = GatewayStats(gateway=gateway, cell=cell, model=m.model_id)
+        self.started = time.monotonic()
+        self.route(topics.scores(cell, "+"), self.on_scores)
+        self.route(topics.feature(cell, "+"), self.on_feature)
+        self.route(topics.device_status(cell, "+"), self.on_device_status)
+        self.route(topics.cmd(cell, "+"), self.on_command)
+        self.every(self.settings.stats_period_s, self.publish_stats)
+
+    def start(self) -> "Gateway":
+        self.transport.publish(self.topics.gateway_status(self.cell, self.gateway),
+                               status_payload("online", model=self.manifest.model_id), retain=True)
+        self.log.info("%s: online, model %s, sensors %s, thresholds %s", self.name, self.manifest.model_id,
+                      ",".join(self.sensors), self.thresholds)
+        return super().start()
+
+    # -- inputs ---------------------------------------------------------------------------
+    def _decode(self, msg: Message, kinds: tuple[str, ...]):
+        frame = decode_frame(msg.payload, self.expect, topic=msg.topic)
+        if frame.kind not in kinds:
+            raise FrameError("kind", f"a {frame.kind!r} frame does not belong on this topic",
+                             device=frame.sender, event=frame.event, topic=msg.topic)
+        if frame.sender not in self.sensors or frame.sender != device_of(msg.topic):
+            raise FrameError("device", f"unknown device {frame.sender!r}: this cell's model has {self.sensors}",
+                             device=frame.sender, event=frame.event, topic=msg.topic)
+        return frame
+
+    def on_scores(self, msg: Message) -> None:
+        frame = self._decode(msg, (SCORES,))
+        ev = self.assembler.add(frame.event, frame.sender, frame.tensor, frame.captured, time.monotonic())
+        if ev is not None:
+            self.decide_local(ev)
+
+    def on_feature(self, msg: Message) -> None:
+        frame = self._decode(msg, (FEATURE, GONE))
+        if frame.kind == GONE:
+            for event in frame.events:
+                ev = self.assembler.open.get(event)
+                if ev is not None and ev.stage == "features":
+                    ev.waiting_for = ev.waiting_for - {frame.sender}
+                    self._maybe_run_edge(ev)
+            return
+        ev = self.assembler.open.get(frame.event)
+        if ev is None:
+            return
+        ev.features[frame.sender] = frame.tensor
+        if ev.stage == "features":
+            ev.waiting_for = ev.waiting_for - {frame.sender}
+            self._maybe_run_edge(ev)
+
+    def on_device_status(self, msg: Message) -> None:
+        device = device_of(msg.topic)
+        try:
+            state = json.loads(msg.payload).get("state")
+        except (ValueError, AttributeError):
+            raise FrameError("status", f"status of {device!r} is not JSON with a 'state'", device=device,
+                             topic=msg.topic) from None
+        if device not in self.sensors:
+            return
+        if state == "online":
+            self.assembler.online.add(device)
+        else:
+            self.assembler.online.discard(device)
+        self.log.info("%s: device %s is %s; waiting for %s", self.name, device, state,
+                      sorted(self.assembler.expected()))
+
+    def on_command(self, msg: Message) -> None:
+        setting = msg.topic.rsplit("/", 1)[-1]
+        try:
+            body = json.loads(msg.payload)
+        except ValueError:
+            body = None
+        if setting != "thresholds" or not isinstance(body, dict):
+            raise FrameError("cmd", f"unknown command {setting!r} or body not a JSON object; "
+                                    "known: thresholds {\"local\": x, \"edge\": y}", topic=msg.topic)
+        unknown = set(body) - {"local", "edge"}
+        bad = [k for k, v in body.items() if not isinstance(v, (int, float)) or not 0 <= v <= 1]
+        if unknown or bad:
+            raise FrameError("cmd", f"thresholds: unknown keys {sorted(unknown)} or values not in [0, 1] "
+                                    f"for {bad}", topic=msg.topic)
+        self.thresholds.update({k: float(v) for k, v in body.items()})
+        self.log.info("%s: exit thresholds now %s", self.name, self.thresholds)
+
+    # -- timers ---------------------------------------------------------------------------
+    def next_timer(self) -> float | None:
+        return self.assembler.next_deadline()
+
+    def on_timer(self, now: float) -> None:
+        for ev in self.assembler.expired(now):
+            if ev.stage == "scores":
+                self.decide_local(ev)
+            else:
+                self.run_edge(ev)
+
+    # -- stages ---------------------------------------------------------------------------
+    def decide_local(self, ev: Event) -> None:
+        self.stats.events += 1
+        decision = local_stage(ev.parts, self.sensors, self.manifest.local_fusion, self.thresholds["local"])
+        ev.local_logits = decision.logits
+        if decision.exits:
+            self.answer(ev, decision.logits, "local")
+            return
+        missing = frozenset(ev.parts) - set(ev.features)
+        ev.stage = "features"
+        ev.waiting_for = missing
+        ev.deadline = time.monotonic() + self.settings.feature_deadline_ms / 1000.0
+        if missing:
+            self.stats.requests += 1
+            payload = encode_events_frame(REQUEST, sender=self.gateway, model=self.manifest.model_id,
+                                          events=[ev.event], devices=tuple(sorted(missing)))
+            self.transport.publish(self.topics.request(self.cell), payload, events=[ev.event])
+        else:
+            self.run_edge(ev)
+
+    def _maybe_run_edge(self, ev: Event) -> None:
+        if not ev.waiting_for:
+            self.run_edge(ev)
+
+    def run_edge(self, ev: Event) -> None:
+        features = {d: f for d, f in ev.features.items() if d in ev.parts}
+        if not features:
+            self.log.warning("%s: event %d got no features in time; answering from the local exit",
+                             self.name, ev.event)
+            self.stats.degraded += 1
+            self.answer(ev, ev.local_logits, "local", degraded=True)
+            return
+        decision, edge_feature = edge_stage(self.runner, features, self.sensors, self.manifest.edge_fusion,
+                                            self.thresholds["edge"])
+        if decision.exits:
+            self.answer(ev, decision.logits, "edge", devices=sorted(features))
+            return
+        frame = encode_tensor_frame(FORWARD, event=ev.event, sender=self.gateway, captured=ev.captured,
+                                    model=self.manifest.model_id, tensor=edge_feature,
+                                    codec=self.manifest.codecs["forward"], devices=tuple(sorted(features)))
+        self.transport.publish(self.topics.forward(self.cell), frame, events=[ev.event])
+        self.stats.exits["cloud"] += 1
+        self.assembler.finish(ev.event)
+
+    def answer(self, ev: Event, logits: np.ndarray, tier: str, *, devices: list[str] | None = None,
+               degraded: bool = False) -> None:
+        result = make_result(logits, event=ev.event, exit=tier, classes=self.manifest.classes,
+                             devices=devices or ev.devices, captured=ev.captured,
+                             model=self.manifest.model_id, degraded=degraded)
+        self.transport.publish(self.topics.result(self.cell), result.to_json())
+        self.stats.exits[tier] += 1
+        self.assembler.finish(ev.event)
+
+    # -- monitoring -----------------------------------------------------------------------
+    def snapshot(self) -> GatewayStats:
+        s = self.stats
+        s.uptime_s = round(time.monotonic() - self.started, 1)
+        s.refused = self.refused
+        s.open_events = len(self.assembler.open)
+        s.online_devices = sorted(self.assembler.expected())
+        s.bytes_out = sum(self.transport.meter.snapshot()[1].values()) if hasattr(self.transport, "meter") else 0
+        return GatewayStats(**asdict(s))
+
+    def publish_stats(self) -> None:
+        self.transport.publish(self.topics.gateway_stats(self.cell, self.gateway),
+                               json.dumps(asdict(self.snapshot())).encode(), qos=0, retain=True)
+
+    def on_stop(self) -> None:
+        self.transport.publish(self.topics.gateway_status(self.cell, self.gateway), status_payload("offline"),
+                               retain=True)
+        self.log.info("%s: offline; %s", self.name, asdict(self.snapshot()))

@@ -1,0 +1,34 @@
+"""The gateway's stages as plain functions over arrays."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from fogsplit.exits import entropy_exit
+from fogsplit.fusion import fuse
+from fogsplit.runner import ShardRunner
+
+
+@dataclass(frozen=True)
+class Decision:
+    logits: np.ndarray
+    exits: bool
+
+
+def local_stage(scores: dict[str, np.ndarray], sensors: list[str], fusion: str, threshold: float) -> Decision:
+    """DDNN's local aggregator: fuse the devices' exit scores, exit if confident."""
+    logits = fuse(scores, sensors, fusion)
+    return Decision(logits, entropy_exit(logits, threshold))
+
+
+def edge_stage(runner: ShardRunner, features: dict[str, np.ndarray], sensors: list[str], fusion: str,
+               threshold: float) -> tuple[Decision, np.ndarray]:
+    """Fuse the devices' features, run the gateway shard, exit if confident.
+
+    Returns the decision and the feature the cloud needs if the gateway does not answer.
+    """
+    fused = fuse(features, sensors, fusion)
+    out = runner.run(fused=fused[None])
+    logits = out["logits"][0]
+    return Decision(logits, entropy_exit(logits, threshold)), out["edge_feature"][0]

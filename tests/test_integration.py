@@ -1,0 +1,126 @@
+"""The whole path over real brokers (Mosquitto started by the fixture, and the embedded one)."""
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import msgpack
+import numpy as np
+import pytest
+
+from fogsplit.codecs import CodecSpec
+from fogsplit.demo import stream_test_set, summarize
+from fogsplit.frames import SCORES, encode_tensor_frame
+from fogsplit.gateway.gateway import Gateway, GatewaySettings
+from fogsplit.manifest import load_bundle
+from fogsplit.mqtt import MqttTransport, wait_until
+from fogsplit.results import Result
+from fogsplit.topics import Topics
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def bundle(bundle_dir):
+    return load_bundle(bundle_dir)
+
+
+@pytest.fixture(scope="module")
+def test_set(small_data):
+    return small_data.test().subset(np.arange(60))
+
+
+def test_every_event_gets_exactly_one_result(broker, bundle, test_set):
+    outcome = stream_test_set(broker, bundle, test_set, rate=40, fleet=f"it{time.monotonic_ns() % 10**6}")
+    report = summarize(outcome)
+    assert report["events"] == 60
+    assert report["lost"] == 0 and report["duplicates"] == 0
+    assert report["accuracy"]["overall"] >= 0.35  # three epochs on 600 events: well above 1/6 chance
+    assert sum(report["exit_fraction"].values()) == pytest.approx(1.0)
+    assert report["bytes_per_event"] > 0
+
+
+def test_a_dead_device_does_not_block_its_events(broker, bundle, test_set):
+    settings = GatewaySettings(deadline_ms=150)
+    outcome = stream_test_set(broker, bundle, test_set.subset(np.arange(20)), rate=40, missing=("cam2",),
+                              gateway_settings=settings, fleet=f"dead{time.monotonic_ns() % 10**6}")
+    report = summarize(outcome)
+    assert report["lost"] == 0 and report["duplicates"] == 0
+    for results in outcome.results.values():
+        assert "cam2" not in results[0][0].devices
+
+
+def test_raw_offload_answers_from_the_cloud(broker, bundle, test_set):
+    outcome = stream_test_set(broker, bundle, test_set.subset(np.arange(20)), policy="raw", rate=40,
+                              fleet=f"raw{time.monotonic_ns() % 10**6}")
+    report = summarize(outcome)
+    assert report["lost"] == 0 and report["exit_fraction"]["cloud"] == 1.0
+    assert report["bytes_per_event"] >= 6 * 3 * 32 * 32  # six raw uint8 views at least
+
+
+def test_bad_frames_are_refused_on_the_error_topic_and_serving_goes_on(broker, bundle):
+    """Send each kind of bad frame to a live gateway; each is reported, then a good event still works."""
+    topics = Topics(f"bad{time.monotonic_ns() % 10**6}")
+    cell = "c1"
+    m = bundle.manifest
+    errors, results = [], []
+    gw_transport = MqttTransport(broker, "gw-bad")
+    gateway = Gateway(gw_transport, topics, bundle, cell=cell, settings=GatewaySettings(deadline_ms=100))
+    watcher = MqttTransport(broker, "watch-bad")
+    watcher.subscribe(topics.error, lambda msg: errors.append(json.loads(msg.payload)))
+    watcher.subscribe(topics.result(cell), lambda msg: results.append(Result.from_json(msg.payload)))
+    gw_transport.connect()
+    watcher.connect()
+    gateway.start()
+    time.sleep(0.3)
+    good = dict(sender="cam0", captured=time.time(), model=m.model_id, codec=m.codecs["scores"])
+    scores = np.zeros(m.num_classes, np.float32)
+    body = msgpack.unpackb(encode_tensor_frame(SCORES, event=1, tensor=scores, **good))
+    bad = {
+        "msgpack": b"\x93not msgpack at all",
+        "size": b"\x00" * (2 << 20),
+        "shape": encode_tensor_frame(SCORES, event=2, tensor=np.zeros(m.num_classes + 1, np.float32), **good),
+        "codec": encode_tensor_frame(SCORES, event=3, tensor=scores, **{**good, "codec": CodecSpec("fp32")}),
+        "finite": msgpack.packb({**body, "e": 4, "b": np.full(m.num_classes, np.nan, "<f2").tobytes()}),
+        "model": encode_tensor_frame(SCORES, event=5, tensor=scores, **{**good, "model": "another-model"}),
+        "device": encode_tensor_frame(SCORES, event=6, tensor=scores, **{**good, "sender": "cam99"}),
+    }
+    for rule, payload in bad.items():
+        device = "cam99" if rule == "device" else "cam0"
+        watcher.publish(topics.scores(cell, device), payload)
+    assert wait_until(lambda: len(errors) >= len(bad), timeout=10), errors
+    assert sorted(e["rule"] for e in errors) == sorted(bad)
+    assert all(e["detail"] and e["by"] == f"{cell}/gw0" for e in errors)
+    # Serving goes on: a well-formed event from every device is answered once.
+    logits = np.array([8.0] + [0.0] * (m.num_classes - 1), np.float32)
+    for sensor in m.sensor_names:
+        watcher.publish(topics.scores(cell, sensor),
+                        encode_tensor_frame(SCORES, event=42, tensor=logits, **{**good, "sender": sensor}))
+    assert wait_until(lambda: len(results) >= 1, timeout=10)
+    time.sleep(0.3)
+    assert [r.event for r in results] == [42] and results[0].label == 0
+    gateway.stop()
+    gw_transport.close()
+    watcher.close()
+
+
+def test_gateway_thresholds_change_by_command(broker, bundle):
+    topics = Topics(f"cmd{time.monotonic_ns() % 10**6}")
+    transport = MqttTransport(broker, "gw-cmd")
+    gateway = Gateway(transport, topics, bundle, cell="c2")
+    errors = []
+    watcher = MqttTransport(broker, "watch-cmd")
+    watcher.subscribe(topics.error, lambda msg: errors.append(json.loads(msg.payload)))
+    transport.connect()
+    watcher.connect()
+    gateway.start()
+    time.sleep(0.3)
+    watcher.publish(topics.cmd("c2", "thresholds"), json.dumps({"local": 0.05, "edge": 0.5}).encode())
+    watcher.publish(topics.cmd("c2", "thresholds"), json.dumps({"local": 7}).encode())
+    watcher.publish(topics.cmd("c2", "reboot"), b"{}")
+    assert wait_until(lambda: gateway.thresholds == {"local": 0.05, "edge": 0.5} and len(errors) == 2, timeout=10)
+    assert {e["rule"] for e in errors} == {"cmd"}
+    gateway.stop()
+    transport.close()
+    watcher.close()
