@@ -1,0 +1,265 @@
+"""The multi-exit DDNN (Teerapittayanon et al., 2017) split into the shards that fogsplit deploys.
+
+::
+
+    device k:  x_k --DeviceShard_k--> (device exit logits, feature_k)    # both sent up
+    gateway:   fuse_scores(device logits) -> local exit
+               fuse_features(feature_1..K) --GatewayShard--> (edge exit logits, edge feature)
+    cloud:     edge feature --CloudShard--> cloud exit logits
+
+Every shard is a plain feed-forward module without data-dependent control flow, so that it
+exports to ONNX (opset 17) as is. The fusion steps are not inside any shard: the gateway runs
+them in numpy with exactly the semantics of :func:`fuse_scores` and :func:`fuse_features`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from fogsplit.dataset import Dataset
+
+KINDS = ("image", "series")
+SCORE_FUSIONS = ("max", "mean")
+FEATURE_FUSIONS = ("max", "mean", "concat")
+
+TRUNK_CHANNELS = 16         # width of the first device conv block
+HIDDEN_CHANNELS = 32        # width of the second device conv block
+EDGE_CHANNELS = 8           # edge-feature channels per device (concat) ...
+EDGE_CHANNELS_POOLED = 16   # ... or in all (max/mean fusion)
+CLOUD_CHANNELS = 16         # cloud conv channels per device (concat) ...
+CLOUD_CHANNELS_POOLED = 32  # ... or in all (max/mean fusion)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything that fixes the architecture (and so the shapes of the exported shards)."""
+
+    sensors: tuple[str, ...]
+    kind: str
+    sample_shape: tuple[int, ...]
+    num_classes: int
+    feature_channels: int = 4
+    local_fusion: str = "max"
+    edge_fusion: str = "concat"
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
+        dims = 3 if self.kind == "image" else 2
+        if len(self.sample_shape) != dims:
+            raise ValueError(f"a {self.kind} sample is {dims}-dimensional, got {self.sample_shape}")
+        if any(s % 8 for s in self.sample_shape[1:]):
+            raise ValueError(f"spatial sizes must be multiples of 8 (three 2x poolings), "
+                             f"got {self.sample_shape[1:]}")
+        if not self.sensors:
+            raise ValueError("at least one sensor is needed")
+        if self.num_classes < 2 or self.feature_channels < 1:
+            raise ValueError("num_classes must be >= 2 and feature_channels >= 1")
+        if self.local_fusion not in SCORE_FUSIONS:
+            raise ValueError(f"local_fusion must be one of {SCORE_FUSIONS}, "
+                             f"got {self.local_fusion!r}")
+        if self.edge_fusion not in FEATURE_FUSIONS:
+            raise ValueError(f"edge_fusion must be one of {FEATURE_FUSIONS}, "
+                             f"got {self.edge_fusion!r}")
+
+    @classmethod
+    def for_dataset(cls, ds: Dataset, **overrides) -> "ModelSpec":
+        values = dict(sensors=tuple(ds.sensor_names), kind=ds.kind,
+                      sample_shape=tuple(ds.sample_shape), num_classes=ds.num_classes)
+        values.update(overrides)
+        return cls(**values)
+
+    @property
+    def channels(self) -> int:
+        return self.sample_shape[0]
+
+    @property
+    def feature_shape(self) -> tuple[int, ...]:
+        """Shape of one device's feature (what a device sends): spatial size / 4."""
+        return (self.feature_channels, *(s // 4 for s in self.sample_shape[1:]))
+
+    @property
+    def fused_channels(self) -> int:
+        k = len(self.sensors) if self.edge_fusion == "concat" else 1
+        return k * self.feature_channels
+
+    @property
+    def groups(self) -> int:
+        """Convolution groups of the gateway and the cloud: one per device for ``concat``.
+
+        The devices' views are not spatially aligned (the object sits anywhere in each image),
+        so mixing devices position by position means nothing: with ``concat`` each device's
+        channels are processed on their own and devices meet only in the pooled classifiers.
+        """
+        return len(self.sensors) if self.edge_fusion == "concat" else 1
+
+    @property
+    def edge_channels(self) -> int:
+        return EDGE_CHANNELS * self.groups if self.groups > 1 else EDGE_CHANNELS_POOLED
+
+    @property
+    def cloud_channels(self) -> int:
+        return CLOUD_CHANNELS * self.groups if self.groups > 1 else CLOUD_CHANNELS_POOLED
+
+    @property
+    def edge_feature_shape(self) -> tuple[int, ...]:
+        """Shape of the edge feature (what the gateway sends to the cloud): spatial size / 8."""
+        return (self.edge_channels, *(s // 8 for s in self.sample_shape[1:]))
+
+
+def _layers(kind: str) -> tuple[type[nn.Module], type[nn.Module], type[nn.Module]]:
+    if kind == "image":
+        return nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d
+    return nn.Conv1d, nn.BatchNorm1d, nn.MaxPool1d
+
+
+def _conv_block(kind: str, c_in: int, c_out: int, *, kernel: int = 3, stride: int = 1,
+                groups: int = 1, pool: bool = False) -> nn.Sequential:
+    """Conv, optional 2x max pooling, BatchNorm, ReLU (pooling first: 4x less normalising)."""
+    conv, norm, maxpool = _layers(kind)
+    layers = [conv(c_in, c_out, kernel, stride=stride, padding=kernel // 2, groups=groups,
+                   bias=False)]
+    if pool:
+        layers.append(maxpool(2))
+    return nn.Sequential(*layers, norm(c_out), nn.ReLU())
+
+
+def _global_pool(x: Tensor) -> Tensor:
+    """``[B, C, ...]`` -> ``[B, 2C]``: max and mean over all positions (position-invariant)."""
+    flat = x.flatten(2)
+    return torch.cat([flat.amax(dim=2), flat.mean(dim=2)], dim=1)
+
+
+class DeviceShard(nn.Module):
+    """What one sensor device runs: normalise, two conv blocks, a projection to the feature.
+
+    The trunk downsamples by 4: a strided conv block, then a conv block with max pooling. The
+    device exit classifies the globally pooled trunk output (objects may be anywhere in the
+    view); the feature sent upstream is a conv projection of the same map to
+    ``feature_channels``, keeping the spatial layout (``spec.feature_shape``).
+
+    Takes raw sensor values as float32 ``[B, C, ...]`` (uint8 images just cast); the
+    per-channel ``mean``/``std`` buffers hold the training-data statistics (set by ``train``).
+    """
+
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        stats_shape = (1, spec.channels, *([1] * (len(spec.sample_shape) - 1)))
+        self.register_buffer("mean", torch.zeros(stats_shape))
+        self.register_buffer("std", torch.ones(stats_shape))
+        kernel = 3 if spec.kind == "image" else 5
+        self.trunk = nn.Sequential(
+            _conv_block(spec.kind, spec.channels, TRUNK_CHANNELS, kernel=kernel, stride=2),
+            _conv_block(spec.kind, TRUNK_CHANNELS, HIDDEN_CHANNELS, kernel=kernel, pool=True))
+        self.project = _conv_block(spec.kind, HIDDEN_CHANNELS, spec.feature_channels, kernel=kernel)
+        self.exit = nn.Linear(2 * HIDDEN_CHANNELS, spec.num_classes)
+
+    def set_normalization(self, mean: np.ndarray, std: np.ndarray) -> None:
+        """Per-channel statistics ``[C]`` of the raw input."""
+        self.mean.copy_(torch.as_tensor(mean, dtype=torch.float32).reshape(self.mean.shape))
+        self.std.copy_(torch.as_tensor(std, dtype=torch.float32).reshape(self.std.shape))
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        hidden = self.trunk((x - self.mean) / self.std)
+        return self.exit(_global_pool(hidden)), self.project(hidden)
+
+
+class GatewayShard(nn.Module):
+    """Conv block on the fused device features; edge exit plus the edge feature for the cloud."""
+
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        self.block = _conv_block(spec.kind, spec.fused_channels, spec.edge_channels,
+                                 groups=spec.groups, pool=True)
+        self.exit = nn.Linear(2 * spec.edge_channels, spec.num_classes)
+
+    def forward(self, fused_feature: Tensor) -> tuple[Tensor, Tensor]:
+        edge_feature = self.block(fused_feature)
+        return self.exit(_global_pool(edge_feature)), edge_feature
+
+
+class CloudShard(nn.Module):
+    """Conv block, global pooling, linear classifier."""
+
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        self.block = _conv_block(spec.kind, spec.edge_channels, spec.cloud_channels,
+                                 groups=spec.groups)
+        self.exit = nn.Linear(2 * spec.cloud_channels, spec.num_classes)
+
+    def forward(self, edge_feature: Tensor) -> Tensor:
+        return self.exit(_global_pool(self.block(edge_feature)))
+
+
+@dataclass
+class Exits:
+    """Logits of every exit. ``device[:, k]`` is meaningless where device k is absent."""
+
+    device: Tensor   # [B, K, classes]
+    local: Tensor    # [B, classes]
+    edge: Tensor     # [B, classes]
+    cloud: Tensor    # [B, classes]
+
+
+def _mask_like(present: Tensor, values: Tensor) -> Tensor:
+    """``present`` [B, K] broadcastable against ``values`` [B, K, ...]."""
+    return present.reshape(*present.shape, *([1] * (values.dim() - 2)))
+
+
+def fuse_scores(scores: Tensor, present: Tensor, mode: str) -> Tensor:
+    """Fuse device exit logits ``[B, K, C]`` into local exit logits ``[B, C]``.
+
+    ``max``: element-wise maximum over the present devices; ``mean``: average over the present
+    devices. Absent devices never contribute. Every sample must have a present device.
+    """
+    return _fuse_present(scores, present, mode)
+
+
+def fuse_features(features: Tensor, present: Tensor, mode: str) -> Tensor:
+    """Fuse device features ``[B, K, F, ...]`` into the gateway input.
+
+    ``max`` / ``mean``: over the present devices only, giving ``[B, F, ...]``. ``concat``:
+    ``[B, K*F, ...]`` with the devices' channels in sensor order and zeros for absent devices.
+    """
+    if mode == "concat":
+        kept = features * _mask_like(present, features).to(features.dtype)
+        return kept.flatten(1, 2)
+    return _fuse_present(features, present, mode)
+
+
+def _fuse_present(values: Tensor, present: Tensor, mode: str) -> Tensor:
+    mask = _mask_like(present, values)
+    if mode == "max":
+        return values.masked_fill(~mask, float("-inf")).amax(dim=1)
+    if mode == "mean":
+        weights = mask.to(values.dtype)
+        return (values * weights).sum(dim=1) / weights.sum(dim=1)
+    raise ValueError(f"unknown fusion mode {mode!r}")
+
+
+class DDNN(nn.Module):
+    """All shards together, for training and evaluation in one process.
+
+    Weights are initialised from torch's global RNG: call ``torch.manual_seed`` first for a
+    reproducible model.
+    """
+
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        self.devices = nn.ModuleDict({name: DeviceShard(spec) for name in spec.sensors})
+        self.gateway = GatewayShard(spec)
+        self.cloud = CloudShard(spec)
+
+    def forward(self, x: Tensor, present: Tensor) -> Exits:
+        """``x`` float32 ``[B, K, C, ...]`` in sensor order; ``present`` bool ``[B, K]``."""
+        outputs = [shard(x[:, k]) for k, shard in enumerate(self.devices.values())]
+        scores = torch.stack([s for s, _ in outputs], dim=1)
+        features = torch.stack([f for _, f in outputs], dim=1)
+        present = present.to(torch.bool)
+        edge, edge_feature = self.gateway(fuse_features(features, present, self.spec.edge_fusion))
+        return Exits(device=scores, local=fuse_scores(scores, present, self.spec.local_fusion),
+                     edge=edge, cloud=self.cloud(edge_feature))
