@@ -24,7 +24,7 @@ MQTT_OVERHEAD = 60  # fixed header, topic and frame keys of one data frame, roug
 
 @dataclass(frozen=True)
 class ExportOptions:
-    epochs: int = 12
+    epochs: int = 8
     seed: int = 0
     feature_channels: int = 4
     local_fusion: str = "max"

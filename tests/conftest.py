@@ -67,5 +67,5 @@ def bundle_dir(tmp_path_factory, small_data) -> Path:
     """A bundle trained briefly on a small image set: real training, real ONNX, real parity check."""
     from fogsplit.export.pipeline import ExportOptions, export_bundle
     out = tmp_path_factory.mktemp("bundle")
-    export_bundle(small_data, out, ExportOptions(epochs=3, seed=0, progress=False))
+    export_bundle(small_data, out, ExportOptions(epochs=8, seed=0, progress=False))
     return out

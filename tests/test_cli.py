@@ -1,0 +1,55 @@
+"""Command-line flags: bad values are refused with a message naming the flag."""
+from __future__ import annotations
+
+import pytest
+
+from fogsplit.cli import build_parser, main
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["device", "--bundle", "b"], "--device"),
+    (["device", "--bundle", "b", "--device", "cam/0"], "--device"),
+    (["device", "--bundle", "b", "--device", "cam0", "--rate", "0"], "--rate"),
+    (["device", "--bundle", "b", "--device", "cam0", "--rate", "fast"], "--rate"),
+    (["device", "--bundle", "b", "--device", "cam0", "--policy", "sometimes"], "--policy"),
+    (["gateway", "--bundle", "b", "--broker", "http://x"], "--broker"),
+    (["gateway", "--bundle", "b", "--broker", "mqtt://x:notaport"], "--broker"),
+    (["gateway", "--bundle", "b", "--fleet", "a/b"], "--fleet"),
+    (["gateway", "--bundle", "b", "--deadline-ms", "-5"], "--deadline-ms"),
+    (["cloud"], "--bundle"),
+    (["export", "--out", "x", "--edge-fusion", "sum"], "--edge-fusion"),
+    (["demo", "--events", "-1"], "--events"),
+    (["launch"], "invalid choice"),
+])
+def test_bad_flags_are_refused(argv, needle, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args(argv)
+    assert exit_.value.code == 2
+    assert needle in capsys.readouterr().err
+
+
+def test_missing_bundle_is_a_clear_error(tmp_path, capsys):
+    assert main(["gateway", "--bundle", str(tmp_path / "nope")]) == 2
+    assert "no manifest.json" in capsys.readouterr().err
+
+
+def test_bad_data_file_is_a_clear_error(tmp_path, capsys):
+    bad = tmp_path / "x.npz"
+    bad.write_bytes(b"junk")
+    assert main(["export", "--data", str(bad), "--out", str(tmp_path / "b")]) == 2
+    assert "not a readable .npz" in capsys.readouterr().err
+
+
+def test_unreachable_broker_is_a_clear_error(bundle_dir, capsys):
+    from fogsplit.broker import free_port
+    code = main(["cloud", "--bundle", str(bundle_dir), "--broker", f"mqtt://127.0.0.1:{free_port()}"])
+    assert code == 2
+    assert "cannot reach broker" in capsys.readouterr().err
+
+
+def test_data_command_writes_the_documented_format(tmp_path):
+    from fogsplit.dataset import load_npz
+    out = tmp_path / "s.npz"
+    assert main(["data", "series", "--events", "50", "--out", str(out)]) == 0
+    ds = load_npz(out)
+    assert len(ds) == 50 and ds.kind == "series"
