@@ -94,8 +94,8 @@ def export_bundle(data: Dataset, out_dir: str | Path, options: ExportOptions | N
     model.eval()
     codecs = calibrate_codecs(model, fit, options)
     val_logits = predict(model, val)
-    feature_values = int(np.prod(_device_feature_shape(model, val)))
-    forward_values = int(np.prod(_edge_feature_shape(model, val)))
+    feature_values = int(np.prod(spec.feature_shape))
+    forward_values = int(np.prod(spec.edge_feature_shape))
     point = calibrate_thresholds(
         val_logits, val.y, max_accuracy_drop=options.max_accuracy_drop,
         feature_cost=MQTT_OVERHEAD + len(spec.sensors) * (payload_bytes(codecs["feature"], feature_values) + MQTT_OVERHEAD),
@@ -164,14 +164,4 @@ def test_metrics(model: DDNN, test: Dataset, local: float, edge: float) -> dict:
             "test_device_accuracy": {s: round(float(a), 4) for s, a in zip(model.spec.sensors, per_device)},
             "test_cascade_accuracy": round(cascade, 4),
             "test_exit_fraction": {k: round(float(v), 4) for k, v in fractions.items()}}
-
-
-def _device_feature_shape(model: DDNN, data: Dataset) -> tuple[int, ...]:
-    x = as_tensor(data.subset(np.arange(1)))
-    with torch.no_grad():
-        return tuple(model.devices[model.spec.sensors[0]](x[:, 0])[1].shape[1:])
-
-
-def _edge_feature_shape(model: DDNN, data: Dataset) -> tuple[int, ...]:
-    return tuple(shard_plans(model, data.subset(np.arange(1)), batch=1)[-1].inputs["edge_feature"].shape[1:])
 
