@@ -14,6 +14,8 @@ from fogsplit.errors import FogsplitError
 
 log = logging.getLogger("fogsplit")
 
+BENCHES = ("comm", "prune", "cache", "broker")
+
 
 def _positive(kind):
     def parse(text: str):
@@ -72,6 +74,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=_positive(int), default=None, help="training epochs")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", type=Path, help="where the bundle goes (default: a temporary directory)")
+    p.add_argument("--bundle", type=Path,
+                   help="stream through this exported bundle instead of training one (give the --data, "
+                        "--events and --seed it was exported with, so its test split is unseen)")
+
+    p = sub.add_parser("bench", help="run a benchmark: " + ", ".join(BENCHES) + " (each takes --help)",
+                       add_help=False)
+    p.add_argument("name", choices=BENCHES, help="which benchmark")
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's own flags")
 
     p = sub.add_parser("data", help="write a built-in dataset as a .npz in the documented format")
     p.add_argument("kind", choices=["images", "series"])
@@ -314,7 +324,8 @@ def cmd_watch(args) -> int:
 def cmd_demo(args) -> int:
     from fogsplit.demo import run_demo, format_report
     report = run_demo(data=args.data, broker=args.broker, events=args.events, rate=args.rate,
-                      options=_export_options(args), workdir=args.workdir, fleet=args.fleet, cell=args.cell)
+                      options=_export_options(args), workdir=args.workdir, fleet=args.fleet, cell=args.cell,
+                      bundle=args.bundle)
     print(format_report(report))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -323,7 +334,14 @@ def cmd_demo(args) -> int:
     return 0
 
 
-COMMANDS = {"demo": cmd_demo, "data": cmd_data, "export": cmd_export, "device": cmd_device,
+def cmd_bench(args) -> int:
+    """Each benchmark is a module of fogsplit.bench with its own ``main(argv)`` and flags."""
+    import importlib
+    module = importlib.import_module(f"fogsplit.bench.{args.name}")
+    return module.main(args.rest)
+
+
+COMMANDS = {"demo": cmd_demo, "bench": cmd_bench, "data": cmd_data, "export": cmd_export, "device": cmd_device,
             "gateway": cmd_gateway, "cloud": cmd_cloud, "broker": cmd_broker, "watch": cmd_watch}
 
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from fogsplit.dataset import Dataset
+from fogsplit.errors import BundleError
 from fogsplit.manifest import Bundle
 from fogsplit.mqtt import Message, MqttTransport, WireMeter, wait_until
 from fogsplit.results import EXIT_TIERS, Result
@@ -174,9 +175,25 @@ def build_report(fog: Outcome, raw: Outcome, single: dict[str, float]) -> dict:
     return report
 
 
+def check_matches(manifest, dataset: Dataset) -> None:
+    """Refuse to stream a dataset whose sensors or classes are not the ones the bundle was built for."""
+    if manifest.sensor_names != dataset.sensor_names:
+        raise BundleError(f"the bundle's sensors {manifest.sensor_names} are not the data's {dataset.sensor_names}")
+    for spec in manifest.sensors:
+        shape = tuple(dataset.sensors[spec.name].shape[1:])
+        if shape != tuple(spec.shape):
+            raise BundleError(f"sensor {spec.name}: the bundle takes {list(spec.shape)}, the data has {list(shape)}")
+    if list(manifest.classes) != list(dataset.classes):
+        raise BundleError(f"the bundle's classes {list(manifest.classes)} are not the data's {list(dataset.classes)}")
+
+
 def run_demo(*, data: str = "images", broker: str | None = None, events: int | None = None, rate: float = 25.0,
-             options=None, workdir=None, fleet: str = "demo", cell: str = "cell0", seed: int = 0) -> dict:
-    """Train, export, start the tiers against ``broker`` (an embedded one if None), stream, report."""
+             options=None, workdir=None, fleet: str = "demo", cell: str = "cell0", seed: int = 0,
+             bundle=None) -> dict:
+    """Train, export, start the tiers against ``broker`` (an embedded one if None), stream, report.
+
+    With ``bundle`` (a directory) nothing is trained: that bundle is streamed as it is, which is
+    how a pruned or otherwise re-exported bundle is shown to run unchanged."""
     import tempfile
     from pathlib import Path
 
@@ -189,9 +206,13 @@ def run_demo(*, data: str = "images", broker: str | None = None, events: int | N
     started = time.perf_counter()
     dataset = load_data(data, seed=options.seed, events=events)
     with tempfile.TemporaryDirectory(prefix="fogsplit-") as tmp:
-        bundle_dir = Path(workdir) / "bundle" if workdir else Path(tmp) / "bundle"
-        export = export_bundle(dataset, bundle_dir, options)
+        if bundle is None:
+            bundle_dir = Path(workdir) / "bundle" if workdir else Path(tmp) / "bundle"
+            train_seconds = export_bundle(dataset, bundle_dir, options).seconds["train"]
+        else:
+            bundle_dir, train_seconds = Path(bundle), 0.0
         bundle = load_bundle(bundle_dir)
+        check_matches(bundle.manifest, dataset)
         test = dataset.test()
         embedded = None if broker else EmbeddedBroker().start()
         url = broker or embedded.url
@@ -206,7 +227,7 @@ def run_demo(*, data: str = "images", broker: str | None = None, events: int | N
         report = build_report(fog, raw, single_device_accuracy(bundle, test))
     report = {"data": dataset.name, "model": bundle.manifest.model_id, "broker": "embedded" if embedded else url,
               **report, "thresholds": bundle.manifest.thresholds,
-              "seconds": {"train": round(export.seconds["train"], 1), "total": round(time.perf_counter() - started, 1)}}
+              "seconds": {"train": round(train_seconds, 1), "total": round(time.perf_counter() - started, 1)}}
     return report
 
 
