@@ -1,6 +1,7 @@
 """build model -> train -> calibrate -> split -> check -> write: the whole export."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -15,11 +16,14 @@ from fogsplit.manifest import Manifest, SensorSpec, write_manifest
 
 from fogsplit.export.calibrate import calibrate_thresholds, simulate_cascade
 from fogsplit.export.model import DDNN, ModelSpec, fuse_features
+from fogsplit.export.prune import DDNN_LAYERS, PruneUnit, batchnorms, bn_l1_penalty, prune_to_target
 from fogsplit.export.shards import ShardPlan, write_shard
 from fogsplit.export.train import predict, train
 
 log = logging.getLogger("fogsplit.export")
 MQTT_OVERHEAD = 60  # fixed header, topic and frame keys of one data frame, roughly
+SPARSITY = 1e-3     # L1 strength on the BatchNorm scales while training towards a pruning target
+FINETUNE_LR = 0.003
 
 
 @dataclass(frozen=True)
@@ -35,6 +39,8 @@ class ExportOptions:
     max_accuracy_drop: float = 0.005
     val_fraction: float = 0.15
     progress: bool = True
+    target_flops: float | None = None    # prune to cut this fraction of the FLOPs (0.8: 80% fewer)
+    target_params: float | None = None   # ... or of the parameters
 
     def __post_init__(self) -> None:
         if not 1 <= self.epochs <= 1000:
@@ -52,6 +58,22 @@ class ExportOptions:
             raise ValueError("max_accuracy_drop must be in [0, 1]")
         if not 0.05 <= self.val_fraction <= 0.5:
             raise ValueError("val_fraction must be in [0.05, 0.5]")
+        for name in ("target_flops", "target_params"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not 0 < value < 1):
+                raise ValueError(f"{name} must be a fraction in (0, 1) such as 0.8, got {value!r}")
+        if self.target_flops is not None and self.target_params is not None:
+            raise ValueError("give target_flops or target_params, not both: one rate is searched for")
+
+    @property
+    def prune_target(self) -> tuple[str, float] | None:
+        """``("flops", 0.8)`` or ``("params", 0.9)`` when the export prunes, else None."""
+        if self.target_flops is not None:
+            return "flops", float(self.target_flops)
+        if self.target_params is not None:
+            return "params", float(self.target_params)
+        return None
 
 
 @dataclass
@@ -86,9 +108,13 @@ def export_bundle(data: Dataset, out_dir: str | Path, options: ExportOptions | N
                                  local_fusion=options.local_fusion, edge_fusion=options.edge_fusion)
     torch.manual_seed(options.seed)
     model = DDNN(spec)
-    report = train(model, fit, epochs=options.epochs, seed=options.seed, progress=options.progress)
+    pressure = bn_l1_penalty(batchnorms(prune_units(model, val)), SPARSITY) if options.prune_target \
+        else contextlib.nullcontext()
+    with pressure:
+        report = train(model, fit, epochs=options.epochs, seed=options.seed, progress=options.progress)
     seconds["train"] = time.perf_counter() - t0
     log.info("trained %d epochs in %.1fs on %d samples", report.epochs, seconds["train"], len(fit))
+    compression = prune(model, fit, val, options) if options.prune_target else None
 
     t1 = time.perf_counter()
     model.eval()
@@ -115,11 +141,30 @@ def export_bundle(data: Dataset, out_dir: str | Path, options: ExportOptions | N
         metrics=test_metrics(model, data.test(), point.local, point.edge) | {
             "validation_accuracy": point.accuracy, "validation_exit_fraction": point.exit_fraction,
             "train_seconds": round(seconds["train"], 2)},
+        compression=compression.to_dict() if compression else {},
     )
     manifest = write_manifest(manifest, out)
     log.info("bundle %s written to %s (%s)", manifest.model_id, out,
              ", ".join(f"{s.name} {s.params} params" for s in shards))
     return ExportReport(manifest=manifest, path=out, seconds=seconds)
+
+
+def prune_units(model: DDNN, val: Dataset) -> list[PruneUnit]:
+    """Every shard as a pruning unit, with the layers :data:`DDNN_LAYERS` lets it lose."""
+    return [PruneUnit(p.name, p.module, p.inputs, DDNN_LAYERS[p.tier]) for p in shard_plans(model, val)]
+
+
+def prune(model: DDNN, fit: Dataset, val: Dataset, options: ExportOptions):
+    """The prune step between training and calibration: slim every shard to the target, fine-tune."""
+    metric, target = options.prune_target
+    t0 = time.perf_counter()
+    compression = prune_to_target(prune_units(model, val), target, metric)
+    epochs = max(2, options.epochs // 2)
+    train(model, fit, epochs=epochs, lr=FINETUNE_LR, seed=options.seed + 1, progress=options.progress)
+    log.info("pruned FLOPs -%.1f%%, params -%.1f%% (target: %s -%.1f%%), fine-tuned %d epochs, in %.1fs",
+             100 * compression.flops_cut, 100 * compression.params_cut, metric, 100 * target,
+             epochs, time.perf_counter() - t0)
+    return compression
 
 
 def shard_plans(model: DDNN, val: Dataset, batch: int = 64) -> list[ShardPlan]:

@@ -102,3 +102,168 @@ def _least_important(scores: Tensor, n_keep: int, groups: int) -> list[int]:
         block = scores[g * per_group:(g + 1) * per_group]
         drop += (torch.argsort(block)[:per_group - keep_per_group] + g * per_group).tolist()
     return sorted(drop)
+
+
+@dataclass(frozen=True)
+class PruneUnit:
+    """A module pruned on its own (a shard, or a whole network), with real example inputs and
+    the layers that may lose channels: ``(conv name, name of the BatchNorm that scales it)``."""
+
+    name: str
+    module: nn.Module
+    inputs: dict[str, Tensor]
+    layers: tuple[tuple[str, str], ...]
+
+
+@dataclass(frozen=True)
+class Compression:
+    """What pruning achieved, overall and per unit (cuts are fractions: 0.8 means 80% removed)."""
+
+    metric: str                  # "flops" or "params": what the target was set on
+    target: float
+    flops_cut: float
+    params_cut: float
+    shards: dict[str, dict[str, float]]   # unit -> flops/params before and after, and the cuts
+
+    def to_dict(self) -> dict:
+        return {"metric": self.metric, "target": self.target, "flops_cut": self.flops_cut,
+                "params_cut": self.params_cut, "shards": self.shards}
+
+
+def batchnorms(units: Sequence[PruneUnit]) -> list[nn.Module]:
+    """The BatchNorm layers whose scales decide the pruning (the ones to put sparsity pressure on)."""
+    return [unit.module.get_submodule(bn) for unit in units for _, bn in unit.layers]
+
+
+@contextlib.contextmanager
+def bn_l1_penalty(bns: Sequence[nn.Module], strength: float) -> Iterator[None]:
+    """While active, every backward pass adds ``strength * sign(scale)`` to the gradient of each
+    BatchNorm scale: the subgradient of ``strength * sum |scale|`` (Network Slimming).
+
+    Implemented as gradient hooks so that any training loop (``train.train`` for the DDNN, the
+    VGG loop) trains sparsely without knowing about it.
+    """
+    handles = [bn.weight.register_hook(lambda grad, w=bn.weight: grad + strength * torch.sign(w.detach()))
+               for bn in bns]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def unit_costs(units: Sequence[PruneUnit]) -> dict[str, tuple[int, int]]:
+    """(FLOPs, params) per unit, from the one counter of the project (``shards.count_cost``)."""
+    return {unit.name: count_cost(unit.module, unit.inputs) for unit in units}
+
+
+def keep_counts(units: Sequence[PruneUnit], threshold: float) -> dict[str, dict[str, int]]:
+    """Channels each layer keeps when every channel whose BatchNorm scale is <= ``threshold`` goes.
+
+    A layer keeps at least ``MIN_KEEP_FRACTION`` of its channels (and one per conv group), so no
+    layer collapses; grouped convs round up to a multiple of their groups.
+    """
+    plan: dict[str, dict[str, int]] = {}
+    for unit in units:
+        plan[unit.name] = {}
+        for conv_name, bn_name in unit.layers:
+            conv, scale = unit.module.get_submodule(conv_name), unit.module.get_submodule(bn_name).weight
+            groups, total = getattr(conv, "groups", 1), _out_channels(conv)
+            floor = max(groups, -(-int(total * MIN_KEEP_FRACTION) // groups) * groups)
+            n = max(int((scale.detach().abs() > threshold).sum()), floor)
+            plan[unit.name][conv_name] = min(total, -(-n // groups) * groups)
+    return plan
+
+
+def apply_keep(unit: PruneUnit, module: nn.Module, keep: dict[str, int]) -> nn.Module:
+    """Prune ``module`` (``unit.module`` or a copy of it) to ``keep`` channels per layer name,
+    ranking channels by their BatchNorm scales."""
+    prune_out_channels(module, tuple(t[:1] for t in unit.inputs.values()),
+                       {module.get_submodule(name): n for name, n in keep.items()},
+                       importance=tp.importance.BNScaleImportance())
+    return module
+
+
+def _cut(before: tuple[int, int], after: tuple[int, int]) -> tuple[float, float]:
+    return tuple(1.0 - a / b if b else 0.0 for a, b in zip(after, before))
+
+
+def _measure(units: Sequence[PruneUnit], plan: dict[str, dict[str, int]],
+             dense: dict[str, tuple[int, int]]) -> tuple[float, float]:
+    """Overall (FLOPs cut, params cut) of ``plan``, counted on pruned copies of the units."""
+    after = [count_cost(apply_keep(u, copy.deepcopy(u.module), plan[u.name]), u.inputs) for u in units]
+    total_before = [sum(c[i] for c in dense.values()) for i in (0, 1)]
+    total_after = [sum(c[i] for c in after) for i in (0, 1)]
+    return _cut(tuple(total_before), tuple(total_after))
+
+
+def search_keep(units: Sequence[PruneUnit], target: float, metric: str = "flops",
+                tolerance: float = TOLERANCE) -> tuple[dict[str, dict[str, int]], float]:
+    """The global BatchNorm-scale threshold whose pruning cuts ``metric`` closest to ``target``.
+
+    Bisection over the sorted scales (the cut grows with the threshold), each candidate counted
+    on physically pruned copies. Returns the keep plan and the achieved cut; raises ValueError
+    when the closest achievable cut is more than ``tolerance`` away (e.g. a target beyond what
+    the per-layer floor allows).
+    """
+    if metric not in ("flops", "params"):
+        raise ValueError(f"metric must be flops or params, got {metric!r}")
+    index = 0 if metric == "flops" else 1
+    dense = unit_costs(units)
+    scales = torch.sort(torch.cat([bn.weight.detach().abs().flatten() for bn in batchnorms(units)])).values
+    candidates = torch.cat([torch.tensor([-1.0]), scales])
+    cache: dict[int, float] = {}
+
+    def cut_at(i: int) -> float:
+        if i not in cache:
+            cache[i] = _measure(units, keep_counts(units, float(candidates[i])), dense)[index]
+        return cache[i]
+
+    lo, hi = 0, len(candidates) - 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if cut_at(mid) >= target:
+            hi = mid
+        else:
+            lo = mid + 1
+    best = min({lo, max(lo - 1, 0)}, key=lambda i: abs(cut_at(i) - target))
+    achieved = cut_at(best)
+    if abs(achieved - target) > tolerance:
+        raise ValueError(f"the closest achievable {metric} cut is {achieved:.3f}, more than {tolerance} "
+                         f"from the target {target}")
+    log.info("threshold %.4g on BatchNorm scales cuts %s by %.3f (target %.3f)",
+             float(candidates[best]), metric, achieved, target)
+    return keep_counts(units, float(candidates[best])), achieved
+
+
+def prune_to_target(units: Sequence[PruneUnit], target: float, metric: str = "flops",
+                    tolerance: float = TOLERANCE) -> Compression:
+    """Find the keep plan for ``target`` and prune every unit's module in place; report the cuts."""
+    dense = unit_costs(units)
+    plan, _ = search_keep(units, target, metric, tolerance)
+    for unit in units:
+        apply_keep(unit, unit.module, plan[unit.name])
+    after = unit_costs(units)
+    shards = {}
+    for unit in units:
+        flops_cut, params_cut = _cut(dense[unit.name], after[unit.name])
+        shards[unit.name] = {"flops": after[unit.name][0], "params": after[unit.name][1],
+                             "flops_dense": dense[unit.name][0], "params_dense": dense[unit.name][1],
+                             "flops_cut": round(flops_cut, 4), "params_cut": round(params_cut, 4)}
+        log.info("pruned %s: flops -%.1f%%, params -%.1f%%", unit.name, 100 * flops_cut, 100 * params_cut)
+    flops_cut, params_cut = _cut(tuple(sum(c[i] for c in dense.values()) for i in (0, 1)),
+                                 tuple(sum(c[i] for c in after.values()) for i in (0, 1)))
+    return Compression(metric=metric, target=target, flops_cut=round(flops_cut, 4),
+                       params_cut=round(params_cut, 4), shards=shards)
+
+
+DDNN_LAYERS: dict[str, tuple[tuple[str, str], ...]] = {
+    "device": (("trunk.0.0", "trunk.0.1"), ("trunk.1.0", "trunk.1.2")),
+    "gateway": (),
+    "cloud": (("block.0", "block.1"),),
+}
+"""What each DDNN shard may lose, by tier. The device trunk's two conv blocks and the cloud's conv
+block are hidden layers (the device and cloud exits' pooled inputs follow them). The device's
+``project`` conv makes the feature sent to the gateway, and the gateway's only conv makes the
+edge feature sent to the cloud: both are split tensors, so they keep their channels, and the
+gateway shard is left as it is."""

@@ -29,6 +29,25 @@ def _positive(kind):
     return parse
 
 
+def _fraction(text: str) -> float:
+    """A compression rate: a number strictly between 0 and 1 (0.8 removes 80%)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a fraction between 0 and 1 (exclusive), e.g. 0.8")
+    return value
+
+
+def _prune_flags(p: argparse.ArgumentParser) -> None:
+    target = p.add_mutually_exclusive_group()
+    target.add_argument("--target-flops", type=_fraction, default=None, metavar="R",
+                        help="prune every shard so that the FLOPs shrink by this fraction, e.g. 0.8")
+    target.add_argument("--target-params", type=_fraction, default=None, metavar="R",
+                        help="prune every shard so that the parameters shrink by this fraction, e.g. 0.9")
+
+
 def _name(text: str) -> str:
     from fogsplit.topics import check_name
     try:
@@ -77,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bundle", type=Path,
                    help="stream through this exported bundle instead of training one (give the --data, "
                         "--events and --seed it was exported with, so its test split is unseen)")
+    _prune_flags(p)
 
     p = sub.add_parser("bench", help="run a benchmark: " + ", ".join(BENCHES) + " (each takes --help)",
                        add_help=False)
@@ -102,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--feature-codec", choices=["fp32", "fp16", "int8"], default=None)
     p.add_argument("--max-accuracy-drop", type=float, default=None,
                    help="how much accuracy the early exits may cost on validation data (default 0.005)")
+    _prune_flags(p)
     p.add_argument("--no-progress", action="store_true")
 
     p = sub.add_parser("device", help="run a device agent: sensor -> device shard -> MQTT")
@@ -181,6 +202,8 @@ def _export_options(args):
              "edge_fusion": getattr(args, "edge_fusion", None), "local_fusion": getattr(args, "local_fusion", None),
              "feature_codec": getattr(args, "feature_codec", None),
              "max_accuracy_drop": getattr(args, "max_accuracy_drop", None),
+             "target_flops": getattr(args, "target_flops", None),
+             "target_params": getattr(args, "target_params", None),
              "progress": not getattr(args, "no_progress", False)}
     return ExportOptions(**{k: v for k, v in given.items() if v is not None})
 
@@ -194,6 +217,11 @@ def cmd_export(args) -> int:
     print(f"bundle {m.model_id} in {report.path}")
     for s in m.shards:
         print(f"  {s.file:<22} {s.tier:<8} {s.params:>8} params {s.flops / 1e6:>8.2f} MFLOPs")
+    if m.compression:
+        c = m.compression
+        print(f"  pruned to a {c['metric']} cut of {c['target']:.3f}: FLOPs -{100 * c['flops_cut']:.1f}%, "
+              f"params -{100 * c['params_cut']:.1f}% ("
+              + ", ".join(f"{n} -{100 * v['flops_cut']:.1f}%" for n, v in c["shards"].items()) + " FLOPs)")
     print(f"  thresholds {m.thresholds}; test metrics {json.dumps(m.metrics['test_exit_accuracy'])}")
     return 0
 

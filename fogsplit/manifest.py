@@ -17,6 +17,8 @@ SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 TIERS = ("device", "gateway", "cloud")
 FUSIONS = ("max", "mean", "concat")
+COMPRESSION_KEYS = ("metric", "target", "flops_cut", "params_cut", "shards")
+SHARD_COMPRESSION_KEYS = ("flops", "params", "flops_dense", "params_dense", "flops_cut", "params_cut")
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,7 @@ class Manifest:
     codecs: dict[str, CodecSpec]
     dataset: str = ""
     metrics: dict = field(default_factory=dict)
+    compression: dict = field(default_factory=dict)   # empty, or what pruning cut (see COMPRESSION_KEYS)
     schema: int = SCHEMA_VERSION
 
     @property
@@ -101,6 +104,7 @@ def compute_model_id(manifest: Manifest) -> str:
     body.pop("model_id")
     body.pop("metrics")
     body.pop("thresholds")  # run-time settings; the same weights stay the same model
+    body.pop("compression")  # a report on the shards, whose sha256 is already in the body
     digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
     return digest[:12]
 
@@ -175,8 +179,32 @@ def _check_consistency(m: Manifest, source: str) -> None:
     for stream in ("scores", "feature", "forward"):
         if stream not in m.codecs:
             raise BundleError(f"{source}: no codec for {stream!r}")
+    _check_compression(m, source)
     if compute_model_id(m) != m.model_id:
         raise BundleError(f"{source}: model id {m.model_id!r} does not match the manifest's content")
+
+
+def _check_compression(m: Manifest, source: str) -> None:
+    """Empty, or exactly :data:`COMPRESSION_KEYS` with cuts in [0, 1) and one entry per shard."""
+    c = m.compression
+    if not c:
+        return
+    if set(c) != set(COMPRESSION_KEYS):
+        raise BundleError(f"{source}: compression must have the keys {list(COMPRESSION_KEYS)}, got {sorted(c)}")
+    if c["metric"] not in ("flops", "params"):
+        raise BundleError(f"{source}: compression metric must be flops or params, got {c['metric']!r}")
+    fractions = [("target", c["target"]), ("flops_cut", c["flops_cut"]), ("params_cut", c["params_cut"])]
+    shards = c["shards"]
+    if not isinstance(shards, dict) or set(shards) != {s.name for s in m.shards}:
+        raise BundleError(f"{source}: compression must describe every shard, got {shards!r:.80}")
+    for name, entry in shards.items():
+        if not isinstance(entry, dict) or set(entry) != set(SHARD_COMPRESSION_KEYS):
+            raise BundleError(f"{source}: compression of shard {name!r} must have the keys "
+                              f"{list(SHARD_COMPRESSION_KEYS)}")
+        fractions += [(f"{name}.flops_cut", entry["flops_cut"]), (f"{name}.params_cut", entry["params_cut"])]
+    for key, value in fractions:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+            raise BundleError(f"{source}: compression {key} must be a fraction in [0, 1), got {value!r}")
 
 
 @dataclass(frozen=True)
