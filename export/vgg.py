@@ -7,6 +7,7 @@ the built-in shapes images (:func:`single_view_shapes`), since nothing may be do
 """
 from __future__ import annotations
 
+import logging
 import time
 
 import numpy as np
@@ -20,6 +21,8 @@ from fogsplit.export.datasets import SHAPES, render_views, sample_views
 
 VGG16_CFG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
 PREDICT_BATCH = 256
+
+log = logging.getLogger("fogsplit.export.vgg")
 
 
 class VGG(nn.Module):
@@ -95,8 +98,9 @@ def train_classifier(model: nn.Module, x: np.ndarray, y: np.ndarray, *, epochs: 
     model.train()
     start = time.perf_counter()
     with tqdm(total=epochs * steps, disable=not progress, desc="train", unit="batch") as bar:
-        for _ in range(epochs):
+        for epoch in range(epochs):
             order = torch.randperm(len(ys), generator=generator)
+            loss_sum = 0.0
             for i in range(0, len(ys), batch_size):
                 index = order[i:i + batch_size]
                 loss = F.cross_entropy(model(_augment(xs[index].float(), generator)), ys[index])
@@ -104,7 +108,10 @@ def train_classifier(model: nn.Module, x: np.ndarray, y: np.ndarray, *, epochs: 
                 loss.backward()
                 optimizer.step()
                 schedule.step()
+                loss_sum += loss.item() * len(index)
                 bar.update()
+            log.info("epoch %d/%d: loss %.4f after %.0fs", epoch + 1, epochs, loss_sum / len(ys),
+                     time.perf_counter() - start)
     model.eval()
     return time.perf_counter() - start
 
