@@ -23,7 +23,8 @@ from fogsplit.export.train import predict, train
 log = logging.getLogger("fogsplit.export")
 MQTT_OVERHEAD = 60  # fixed header, topic and frame keys of one data frame, roughly
 SPARSITY = 1e-3     # L1 strength on the BatchNorm scales while training towards a pruning target
-FINETUNE_LR = 0.003
+FINETUNE_LR = 0.01   # the training peak: a pruned network re-learns, it does not just adjust
+FINETUNE_SHARE = 1.0  # fine-tuning epochs after pruning, as a share of the training epochs
 
 
 @dataclass(frozen=True)
@@ -170,7 +171,7 @@ def prune(model: DDNN, fit: Dataset, val: Dataset, options: ExportOptions) -> Co
     """The prune step between training and calibration: slim every shard to the target, fine-tune."""
     metric, target = options.prune_target
     compression = prune_to_target(prune_units(model, val), target, metric)
-    epochs = max(2, options.epochs // 2)
+    epochs = max(2, round(options.epochs * FINETUNE_SHARE))
     train(model, fit, epochs=epochs, lr=FINETUNE_LR, seed=options.seed + 1, progress=options.progress)
     log.info("pruned FLOPs -%.1f%%, params -%.1f%% (target: %s -%.1f%%), fine-tuned %d epochs",
              100 * compression.flops_cut, 100 * compression.params_cut, metric, 100 * target, epochs)
