@@ -29,14 +29,26 @@ def _positive(kind):
     return parse
 
 
-def _fraction(text: str) -> float:
-    """A compression rate: a number strictly between 0 and 1 (0.8 removes 80%)."""
+def _number(text: str) -> float:
     try:
-        value = float(text)
+        return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+
+
+def _fraction(text: str) -> float:
+    """A compression rate: a number strictly between 0 and 1 (0.8 removes 80%)."""
+    value = _number(text)
     if not 0 < value < 1:
         raise argparse.ArgumentTypeError(f"{text!r} must be a fraction between 0 and 1 (exclusive), e.g. 0.8")
+    return value
+
+
+def _unit_interval(text: str) -> float:
+    """An exit threshold: a number in [0, 1]."""
+    value = _number(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not in [0, 1]")
     return value
 
 
@@ -119,7 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="channels of the split layer (what devices send)")
     p.add_argument("--edge-fusion", choices=["max", "mean", "concat"], default=None)
     p.add_argument("--local-fusion", choices=["max", "mean"], default=None)
-    p.add_argument("--feature-codec", choices=["fp32", "fp16", "int8"], default=None)
+    p.add_argument("--feature-codec", choices=["fp32", "fp16", "int8", "sign"], default=None,
+                   help="how device features travel (default sign: a binarized trunk, 1 bit per value)")
+    p.add_argument("--scores-codec", choices=["fp32", "fp16", "int8"], default=None,
+                   help="how device exit scores travel (default int8)")
+    p.add_argument("--feature-bytes", type=_positive(int), default=None,
+                   help="prune the split layer until one device's feature fits this many bytes, then fine-tune")
     p.add_argument("--max-accuracy-drop", type=float, default=None,
                    help="how much accuracy the early exits may cost on validation data (default 0.005)")
     _prune_flags(p)
@@ -147,6 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--deadline-ms", type=_positive(float), default=250.0)
     p.add_argument("--feature-deadline-ms", type=_positive(float), default=500.0)
     p.add_argument("--stats-period", type=_positive(float), default=5.0)
+    p.add_argument("--local-threshold", type=_unit_interval, default=None,
+                   help="normalized-entropy exit threshold of the local exit (default: the bundle's)")
+    p.add_argument("--edge-threshold", type=_unit_interval, default=None,
+                   help="normalized-entropy exit threshold of the edge exit (default: the bundle's)")
     p.add_argument("--threads", type=_positive(int), default=1)
 
     p = sub.add_parser("cloud", help="run a cloud worker (shares the forward topics with other workers)")
@@ -201,6 +222,8 @@ def _export_options(args):
              "feature_channels": getattr(args, "feature_channels", None),
              "edge_fusion": getattr(args, "edge_fusion", None), "local_fusion": getattr(args, "local_fusion", None),
              "feature_codec": getattr(args, "feature_codec", None),
+             "scores_codec": getattr(args, "scores_codec", None),
+             "feature_bytes": getattr(args, "feature_bytes", None),
              "max_accuracy_drop": getattr(args, "max_accuracy_drop", None),
              "target_flops": getattr(args, "target_flops", None),
              "target_params": getattr(args, "target_params", None),
@@ -281,7 +304,8 @@ def cmd_gateway(args) -> int:
 
     topics = Topics(args.fleet)
     settings = GatewaySettings(deadline_ms=args.deadline_ms, feature_deadline_ms=args.feature_deadline_ms,
-                               stats_period_s=args.stats_period, threads=args.threads)
+                               stats_period_s=args.stats_period, threads=args.threads,
+                               local_threshold=args.local_threshold, edge_threshold=args.edge_threshold)
     bundle = load_bundle(args.bundle, shards=["gateway"])
     transport = MqttTransport(args.broker, f"{args.fleet}-{args.cell}-{args.name}",
                               will=(topics.gateway_status(args.cell, args.name), status_payload("offline")))
