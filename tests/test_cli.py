@@ -20,6 +20,12 @@ from fogsplit.cli import build_parser, main
     (["export", "--out", "x", "--edge-fusion", "sum"], "--edge-fusion"),
     (["demo", "--events", "-1"], "--events"),
     (["launch"], "invalid choice"),
+    (["gateway", "--bundle", "b", "--local-threshold", "1.5"], "--local-threshold"),
+    (["gateway", "--bundle", "b", "--edge-threshold", "x"], "--edge-threshold"),
+    (["export", "--out", "x", "--feature-codec", "rot13"], "--feature-codec"),
+    (["export", "--out", "x", "--scores-codec", "sign"], "--scores-codec"),
+    (["export", "--out", "x", "--feature-bytes", "0"], "--feature-bytes"),
+    (["bench", "nosuch"], "invalid choice"),
 ])
 def test_bad_flags_are_refused(argv, needle, capsys):
     with pytest.raises(SystemExit) as exit_:
@@ -53,3 +59,22 @@ def test_data_command_writes_the_documented_format(tmp_path):
     assert main(["data", "series", "--events", "50", "--out", str(out)]) == 0
     ds = load_npz(out)
     assert len(ds) == 50 and ds.kind == "series"
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["bench", "comm", "--thresholds", "0.2,1.5"], "--thresholds"),
+    (["bench", "comm", "--thresholds", "low"], "--thresholds"),
+    (["bench", "comm", "--settings", "best"], "--settings"),
+    (["bench", "comm", "--rate", "0"], "--rate"),
+    (["bench", "comm", "--broker", "tcp://x"], "--broker"),
+])
+def test_bench_flags_are_refused(argv, needle, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    assert needle in capsys.readouterr().err
+
+
+def test_demo_refuses_a_bundle_built_for_other_data(bundle_dir, capsys):
+    assert main(["demo", "--bundle", str(bundle_dir), "--data", "series", "--events", "60"]) == 2
+    assert "sensors" in capsys.readouterr().err
