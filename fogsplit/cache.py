@@ -15,12 +15,15 @@ is configured to grow past ``ann_above`` entries) once it is larger; both sit be
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
-from typing import Protocol
+from dataclasses import asdict, dataclass, fields, replace
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
 from fogsplit.errors import ConfigError
+
+if TYPE_CHECKING:
+    from fogsplit.manifest import CacheSpec
 
 ANN_LIBRARIES = ("hnswlib",)
 _GROW_FROM = 64
@@ -33,18 +36,18 @@ _HNSW_EF_SEARCH = 64
 class CacheSettings:
     """What an operator sets for one cache; bounds are checked here and nowhere else.
 
-    ``threshold``, ``k`` and ``min_agreement`` normally come from the bundle's calibration;
-    the values here are what a cache starts with when the caller has nothing better.
+    ``threshold``, ``k`` and ``min_agreement`` left as None come from the bundle's calibration
+    (:func:`resolve`); set, they override it.
     """
 
     enabled: bool = True
     max_entries: int = 4096
-    max_bytes: int = 8 << 20
+    max_bytes: int = 64 << 20
     ttl_s: float = 600.0
-    k: int = 4
-    threshold: float = 0.3
-    min_agreement: float = 1.0
-    ann_above: int = 4096
+    k: int | None = None
+    threshold: float | None = None
+    min_agreement: float | None = None
+    ann_above: int = 1024
     ann: str = "hnswlib"
 
     def __post_init__(self) -> None:
@@ -53,9 +56,10 @@ class CacheSettings:
             "max_entries": _is_int(self.max_entries) and 1 <= self.max_entries <= 10_000_000,
             "max_bytes": _is_int(self.max_bytes) and 1024 <= self.max_bytes <= 1 << 36,
             "ttl_s": _is_number(self.ttl_s) and 0 < self.ttl_s <= 30 * 86400,
-            "k": _is_int(self.k) and 1 <= self.k <= 64,
-            "threshold": _is_number(self.threshold) and 0 <= self.threshold <= 2,
-            "min_agreement": _is_number(self.min_agreement) and 0.5 < self.min_agreement <= 1,
+            "k": self.k is None or (_is_int(self.k) and 1 <= self.k <= 64),
+            "threshold": self.threshold is None or (_is_number(self.threshold) and 0 <= self.threshold <= 2),
+            "min_agreement": self.min_agreement is None or (
+                _is_number(self.min_agreement) and 0.5 < self.min_agreement <= 1),
             "ann_above": _is_int(self.ann_above) and self.ann_above >= 64,
             "ann": self.ann in ANN_LIBRARIES,
         }
@@ -77,6 +81,20 @@ class CacheSettings:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def resolve(settings: CacheSettings, calibration: "CacheSpec | None", key_space: str) -> CacheSettings:
+    """``settings`` with what the operator left unset taken from the bundle's calibration of
+    ``key_space`` (``gateway`` or ``device``)."""
+    if calibration is None:
+        if settings.threshold is None:
+            raise ConfigError("the bundle has no cache calibration (exported before the cache existed): "
+                              "give the cache a threshold, or re-export")
+        return replace(settings, k=settings.k or 4, min_agreement=settings.min_agreement or 1.0)
+    point = getattr(calibration, key_space)
+    return replace(settings, k=settings.k or calibration.k,
+                   threshold=point.threshold if settings.threshold is None else settings.threshold,
+                   min_agreement=settings.min_agreement or calibration.min_agreement)
 
 
 _BOUNDS = {
@@ -197,16 +215,19 @@ class HnswIndex:
 
 
 def exact_search(keys: np.ndarray, live: np.ndarray, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The ``k`` live slots nearest to ``query`` among unit-norm ``keys``, by brute force."""
-    slots = np.flatnonzero(live)
-    if slots.size == 0:
-        return slots, np.empty(0, np.float32)
-    squared = np.maximum(2.0 - 2.0 * (keys[slots] @ query), 0.0)
-    if slots.size > k:
-        best = np.argpartition(squared, k)[:k]
-        slots, squared = slots[best], squared[best]
-    order = np.argsort(squared)
-    return slots[order], np.sqrt(squared[order])
+    """The ``k`` live slots nearest to ``query`` among unit-norm ``keys``, by brute force.
+
+    One matrix-vector product over every allocated row (no gather of the live ones: copying
+    the keys would cost more than the product), dead rows masked out."""
+    n_live = int(live.sum())
+    if n_live == 0:
+        return np.empty(0, np.int64), np.empty(0, np.float32)
+    squared = np.maximum(2.0 - 2.0 * (keys @ query), 0.0)
+    squared[~live] = np.inf
+    k = min(k, n_live)
+    best = np.argpartition(squared, k - 1)[:k] if k < squared.size else np.arange(squared.size)
+    best = best[np.argsort(squared[best])]
+    return best.astype(np.int64), np.sqrt(squared[best])
 
 
 @dataclass(frozen=True)
@@ -238,6 +259,8 @@ class SemanticCache:
         if dim < 1 or classes < 2:
             raise ConfigError(f"a cache needs a key dimension >= 1 and >= 2 classes, got {dim} and {classes}")
         self.settings = s = settings or CacheSettings()
+        if s.threshold is None or s.k is None or s.min_agreement is None:
+            raise ConfigError("a cache needs a threshold, k and min_agreement: resolve() them from the bundle")
         self.dim, self.classes = dim, classes
         self.threshold = s.threshold
         self.uses_ann = s.max_entries > s.ann_above
@@ -381,18 +404,46 @@ class SemanticCache:
                           threshold=self.threshold)
 
 
-def cell_vote(device_labels: dict[str, int | None], quorum: float) -> int | None:
+def cell_vote(device_labels: dict[str, int | None], quorum: float, devices: int | None = None) -> int | None:
     """The answer of a cell's device caches for one event, or None.
 
-    ``device_labels`` holds, for every device that took part in the event, the label its own
-    cache voted (None on a miss). The cell answers when at least ``quorum`` of those devices
-    hit and every hit names the same label: one camera's cache alone is no better than that
-    camera, which often does not see the object at all.
+    ``device_labels`` holds, for each device heard from, the label its own cache voted (None on
+    a miss). The cell answers when at least ``quorum`` of ``devices`` (default: those heard
+    from) hit and every hit names the same label: one camera's cache alone is no better than
+    that camera, which often does not see the object at all.
     """
-    if not device_labels:
-        return None
     hits = {label for label in device_labels.values() if label is not None}
     voters = sum(label is not None for label in device_labels.values())
-    if len(hits) != 1 or voters < math.ceil(quorum * len(device_labels) - 1e-9):
+    needed = max(1, math.ceil(quorum * (len(device_labels) if devices is None else devices) - 1e-9))
+    if len(hits) != 1 or voters < needed:
         return None
     return hits.pop()
+
+
+FILL_EXITS = ("edge", "cloud")
+
+
+class ModelCache:
+    """A :class:`SemanticCache` tied to the model whose features are its keys, filled only from
+    answers of that model that the cache may learn from (edge and cloud exits: confident, and
+    never its own answers, which would only reinforce themselves)."""
+
+    def __init__(self, model: str, dim: int, classes: int, settings: CacheSettings) -> None:
+        self.model = model
+        self.cache = SemanticCache(dim, classes, settings)
+        self.filled = 0
+
+    def learn(self, key: np.ndarray, label: int, exit: str, model: str, now: float) -> bool:
+        if exit not in FILL_EXITS or model != self.model or not 0 <= label < self.cache.classes:
+            return False
+        self.cache.put(key, label, now)
+        self.filled += 1
+        return True
+
+    def use_model(self, model: str) -> bool:
+        """Empty the cache if ``model`` is not the model its keys were made with."""
+        if model == self.model:
+            return False
+        self.model = model
+        self.cache.clear()
+        return True

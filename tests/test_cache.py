@@ -23,7 +23,7 @@ def clustered(n: int, dim: int, clusters: int, spread: float, seed: int = 0) -> 
 
 def settings(**overrides) -> CacheSettings:
     return CacheSettings(**{"max_entries": 64, "max_bytes": 1 << 20, "ttl_s": 100.0, "k": 3,
-                            "threshold": 0.5, "ann_above": 64, **overrides})
+                            "threshold": 0.5, "min_agreement": 1.0, "ann_above": 64, **overrides})
 
 
 # -- keys and votes ---------------------------------------------------------------------------
@@ -199,7 +199,7 @@ def test_unknown_settings_are_refused():
 
 def test_a_byte_bound_too_small_for_one_key_is_refused():
     with pytest.raises(ConfigError, match="not even one"):
-        SemanticCache(100_000, 4, CacheSettings(max_bytes=1024))
+        SemanticCache(100_000, 4, settings(max_bytes=1024))
 
 
 # -- the redundant stream ---------------------------------------------------------------------
@@ -290,3 +290,75 @@ def test_the_bundle_carries_a_calibrated_cache_section_parsed_strictly(bundle_di
     del data["cache"]["quorum"]
     with pytest.raises(BundleError, match="missing keys \\['quorum'\\]"):
         parse_manifest(data)
+
+
+# -- the gateway's and the device's caches ----------------------------------------------------
+
+def _manifest_with_cache(bundle_dir):
+    from fogsplit.manifest import load_bundle
+    return load_bundle(bundle_dir).manifest
+
+
+def test_resolve_takes_what_the_operator_left_unset_from_the_bundle():
+    from fogsplit.cache import resolve
+    from fogsplit.manifest import CachePoint, CacheSpec
+    point = CachePoint(threshold=0.8, hit_rate=0.1, hit_accuracy=0.9, model_accuracy=0.9, queries=100)
+    spec = CacheSpec(k=5, min_agreement=1.0, quorum=0.5, max_accuracy_loss=0.01, gateway=point,
+                     device=CachePoint(threshold=0.6, hit_rate=0.1, hit_accuracy=0.9, model_accuracy=0.9, queries=100))
+    assert resolve(CacheSettings(), spec, "gateway").threshold == 0.8
+    assert resolve(CacheSettings(), spec, "device").threshold == 0.6
+    assert resolve(CacheSettings(threshold=0.2, k=2), spec, "device").threshold == 0.2
+    assert resolve(CacheSettings(k=2), spec, "device").k == 2
+    with pytest.raises(ConfigError, match="no cache calibration"):
+        resolve(CacheSettings(), None, "gateway")
+    assert resolve(CacheSettings(threshold=0.4), None, "gateway").k == 4
+
+
+def test_vote_logits_give_the_label_the_share_it_won():
+    from fogsplit.exits import softmax
+    from fogsplit.gateway.caching import vote_logits
+    p = softmax(vote_logits(2, 0.75, 4))
+    assert int(np.argmax(p)) == 2 and p[2] == pytest.approx(0.75) and p[0] == pytest.approx(0.25 / 3)
+    assert softmax(vote_logits(1, 1.0, 6))[1] == pytest.approx(1.0, abs=1e-4)
+
+
+@pytest.mark.slow
+def test_gateway_cache_learns_edge_exits_and_held_cloud_answers_and_forgets_on_a_new_model(bundle_dir):
+    from fogsplit.gateway.caching import GatewayCache
+    manifest = _manifest_with_cache(bundle_dir)
+    shape = manifest.tier_shard("gateway").inputs["fused"][1:]
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal(shape), rng.standard_normal(shape)
+    gw = GatewayCache(manifest, CacheSettings(threshold=0.3))
+    assert not gw.lookup(a, now=0.0).hit
+    assert gw.learn(a, 2, "edge", manifest.model_id, now=0.0)
+    assert gw.lookup(a + 0.01 * rng.standard_normal(shape), now=1.0).label == 2
+    assert not gw.learn(b, 1, "local", manifest.model_id, now=1.0)       # local exits are not cached
+    gw.hold(7, b, now=1.0)
+    assert not gw.on_result(7, 1, "cloud", "another-model", now=2.0)     # another model's answer
+    assert not gw.on_result(8, 1, "cloud", manifest.model_id, now=2.0)   # not a forward held here
+    assert gw.on_result(7, 1, "cloud", manifest.model_id, now=2.0)
+    assert gw.lookup(b, now=3.0).label == 1
+    assert manifest.cache.quorum == 0.5
+    assert gw.devices_agree({"cam0": 1, "cam1": 1, "cam2": 1, "cam3": None}, expected=6) == 1
+    assert gw.devices_agree({"cam0": 1, "cam1": None, "cam2": None}, expected=6) is None
+    assert not gw.use_model(manifest.model_id) and len(gw.cache) == 2
+    assert gw.use_model("retrained-model") and len(gw.cache) == 0
+    snapshot = gw.snapshot()
+    assert snapshot["gateway_hits"] == 2 and snapshot["device_hits"] == 1 and snapshot["filled"] == 2
+
+
+@pytest.mark.slow
+def test_device_cache_searches_exactly_and_learns_only_from_edge_and_cloud(bundle_dir):
+    from fogsplit.device.caching import DeviceCache
+    manifest = _manifest_with_cache(bundle_dir)
+    with pytest.raises(ConfigError, match="searches exactly"):
+        DeviceCache(manifest, CacheSettings(max_entries=10_000, ann_above=4096))
+    cache = DeviceCache(manifest, CacheSettings(max_entries=64, threshold=0.2))
+    feature = np.random.default_rng(1).standard_normal(manifest.feature_shape)
+    assert cache.vote(feature, now=0.0) is None
+    assert not cache.learn(feature, 3, "cache", manifest.model_id, now=0.0)
+    assert not cache.learn(feature, 99, "cloud", manifest.model_id, now=0.0)
+    assert cache.learn(feature, 3, "cloud", manifest.model_id, now=0.0)
+    assert cache.vote(feature, now=1.0) == 3
+    assert cache.use_model("other") and cache.vote(feature, now=2.0) is None
