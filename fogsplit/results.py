@@ -9,7 +9,7 @@ import numpy as np
 
 from fogsplit.exits import softmax
 
-EXIT_TIERS = ("local", "edge", "cloud")
+EXIT_TIERS = ("local", "edge", "cloud", "cache")  # cache: answered from a semantic cache (docs/cache.md)
 
 
 @dataclass(frozen=True)
