@@ -1,6 +1,6 @@
 """Broker throughput and latency on loopback: the evidence behind the embedded broker choice.
 
-    python -m fogsplit.bench.broker [--messages 20000] [--json out.json] [--mosquitto]
+    fogsplit bench broker [--messages 20000] [--json out.json] [--mosquitto]
 
 One publisher, one subscriber, fogsplit's own transport; the same run measures every broker
 so the ratios hold on a noisy machine. Prints msgs/s (QoS 0 and QoS 1), loss, and one-way
@@ -10,16 +10,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
-import subprocess
-import tempfile
 import threading
 import time
 from pathlib import Path
 
 import numpy as np
 
-from fogsplit.broker import EmbeddedBroker, free_port
+from fogsplit.broker import EmbeddedBroker, mosquitto_binary
 from fogsplit.mqtt import MqttTransport, wait_until
 
 
@@ -61,33 +58,16 @@ def measure(url: str, messages: int, qos: int, size: int = 64) -> dict:
             if len(lat) else None}
 
 
-def start_mosquitto() -> tuple[subprocess.Popen, str, tempfile.TemporaryDirectory]:
-    binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-    tmp = tempfile.TemporaryDirectory()
-    port = free_port()
-    conf = Path(tmp.name) / "m.conf"
-    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\nset_tcp_nodelay true\n"
-                    "max_queued_messages 1000000\n")
-    proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    time.sleep(0.5)
-    return proc, f"mqtt://127.0.0.1:{port}", tmp
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fogsplit.bench.broker")
+    parser = argparse.ArgumentParser(prog="fogsplit bench broker")
     parser.add_argument("--messages", type=int, default=20000)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     rows = {}
-    with EmbeddedBroker() as url:
-        rows["embedded (iotcore/rumqttd)"] = [measure(url, args.messages, q) for q in (0, 1)]
-    if shutil.which("mosquitto") or Path("/usr/sbin/mosquitto").exists():
-        proc, url, tmp = start_mosquitto()
-        try:
-            rows["mosquitto"] = [measure(url, args.messages, q) for q in (0, 1)]
-        finally:
-            proc.terminate()
-            tmp.cleanup()
+    kinds = ["rumqttd"] + (["mosquitto"] if mosquitto_binary() else [])
+    for kind in kinds:
+        with EmbeddedBroker(kind=kind) as url:
+            rows[kind] = [measure(url, args.messages, q) for q in (0, 1)]
     for name, results in rows.items():
         for r in results:
             print(f"{name:<28} QoS{r['qos']}  {r['msgs_per_s']:>8.0f} msg/s  lost {r['lost']:>5}  "

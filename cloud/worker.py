@@ -11,12 +11,12 @@ import time
 import numpy as np
 
 from fogsplit.assembly import Assembler, Event
-from fogsplit.errors import FrameError
-from fogsplit.frames import FORWARD, RAW, decode_frame
+from fogsplit.frames import decode_frame
 from fogsplit.fusion import fuse
 from fogsplit.manifest import Bundle, expect_frames
 from fogsplit.mqtt import Message, Transport
 from fogsplit.results import make_result
+from fogsplit.roster import Roster, decode_device_frame, parse_status
 from fogsplit.runner import ShardRunner
 from fogsplit.service import Service, status_payload
 from fogsplit.topics import Topics, cell_of, device_of
@@ -45,10 +45,7 @@ class CloudWorker(Service):
         return super().start()
 
     def on_forward(self, msg: Message) -> None:
-        frame = decode_frame(msg.payload, self.expect, topic=msg.topic)
-        if frame.kind != FORWARD:
-            raise FrameError("kind", f"a {frame.kind!r} frame does not belong on the forward topic",
-                             device=frame.sender, event=frame.event, topic=msg.topic)
+        frame = decode_frame(msg.payload, "forward", self.expect, topic=msg.topic)
         logits = cloud_stage(self.runner, frame.tensor)
         result = make_result(logits, event=frame.event, exit="cloud", classes=self.manifest.classes,
                              devices=list(frame.devices), captured=frame.captured, model=self.manifest.model_id)
@@ -84,16 +81,22 @@ class RawOffload(Service):
         self.expect = expect_frames(m)
         self.cells: dict[str, Assembler] = {}
         self.deadline_s = deadline_ms / 1000.0
+        self.rosters: dict[str, Roster] = {}
         self.route(topics.raw("+", "+"), self.on_raw)
+        self.route(topics.device_status("+", "+"), self.on_device_status)
+
+    def on_device_status(self, msg: Message) -> None:
+        device = device_of(msg.topic)
+        if device in self.sensors:
+            roster = self.rosters.setdefault(cell_of(msg.topic), Roster(self.manifest.model_id))
+            roster.update(device, parse_status(msg.payload, device, msg.topic))
 
     def on_raw(self, msg: Message) -> None:
-        frame = decode_frame(msg.payload, self.expect, topic=msg.topic)
-        if frame.kind != RAW or frame.sender not in self.sensors or frame.sender != device_of(msg.topic):
-            raise FrameError("device", f"not a raw frame of a known device ({frame.sender!r})",
-                             device=frame.sender, event=frame.event, topic=msg.topic)
         cell = cell_of(msg.topic)
+        roster = self.rosters.setdefault(cell, Roster(self.manifest.model_id))
+        got = decode_device_frame(msg.payload, msg.topic, self.expect, roster)
         assembler = self.cells.setdefault(cell, Assembler(self.sensors, self.deadline_s))
-        ev = assembler.add(frame.event, frame.sender, frame.tensor, frame.captured, time.monotonic())
+        ev = assembler.add(got.event, got.device, got.frame.tensor, got.captured, time.monotonic())
         if ev is not None:
             self._answer(cell, ev)
 

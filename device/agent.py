@@ -9,8 +9,8 @@ from collections import OrderedDict
 
 import numpy as np
 
-from fogsplit.frames import FEATURE, GONE, RAW, REQUEST, SCORES, decode_frame, encode_events_frame, \
-    encode_tensor_frame
+from fogsplit.frames import FEATURE, GONE, RAW, SCORES, decode_frame, encode_events_frame, encode_slot_frame, \
+    unwrap_slot
 from fogsplit.cache import CacheSettings
 from fogsplit.manifest import Bundle, expect_frames, raw_codec
 from fogsplit.mqtt import Message, Transport
@@ -37,20 +37,22 @@ class FeatureStore:
     def __init__(self, ttl_s: float, max_items: int) -> None:
         self.ttl_s = ttl_s
         self.max_items = max_items
-        self._items: OrderedDict[int, tuple[float, float, np.ndarray]] = OrderedDict()
+        self._items: OrderedDict[int, tuple[float, np.ndarray]] = OrderedDict()
+        self.latest = 0
 
-    def put(self, event: int, captured: float, feature: np.ndarray, now: float) -> None:
-        self._items[event] = (now, captured, feature)
+    def put(self, event: int, feature: np.ndarray, now: float) -> None:
+        self._items[event] = (now, feature)
+        self.latest = max(self.latest, event)
         self.evict(now)
 
-    def get(self, event: int, now: float) -> tuple[float, np.ndarray] | None:
+    def get(self, event: int, now: float) -> np.ndarray | None:
         self.evict(now)
         item = self._items.get(event)
-        return None if item is None else (item[1], item[2])
+        return None if item is None else item[1]
 
     def evict(self, now: float) -> None:
         while self._items:
-            event, (stored, _, _) = next(iter(self._items.items()))
+            event, (stored, _) = next(iter(self._items.items()))
             if len(self._items) <= self.max_items and now - stored <= self.ttl_s:
                 break
             self._items.popitem(last=False)
@@ -72,6 +74,7 @@ class DeviceAgent(Service):
         self.codecs = self.manifest.codecs
         self.runner = None if policy == "raw" else ShardRunner(
             bundle.shard_path(self.manifest.device_shard(device)), threads=threads)
+        self.rate = float(source.rate)
         self.store = FeatureStore(feature_ttl_s, keep_features)
         self.expect = expect_frames(self.manifest)
         self.captured = 0
@@ -84,9 +87,10 @@ class DeviceAgent(Service):
 
     def start(self) -> "DeviceAgent":
         self.transport.publish(self.topics.device_status(self.cell, self.device),
-                               status_payload("online", model=self.manifest.model_id, policy=self.policy),
-                               retain=True)
-        self.log.info("%s: online, model %s, policy %s", self.name, self.manifest.model_id, self.policy)
+                               status_payload("online", model=self.manifest.model_id, policy=self.policy,
+                                              rate=self.rate), retain=True)
+        self.log.info("%s: online, model %s, policy %s, %g captures/s", self.name, self.manifest.model_id,
+                      self.policy, self.rate)
         super().start()
         return self
 
@@ -96,19 +100,21 @@ class DeviceAgent(Service):
 
     def on_capture(self, capture: Capture) -> None:
         self.captured += 1
-        model = self.manifest.model_id
-        common = dict(event=capture.event, sender=self.device, captured=capture.captured, model=model)
+        model, event = self.manifest.model_id, capture.event
         if self.policy == "raw":
-            frame = encode_tensor_frame(RAW, tensor=np.asarray(capture.sample), codec=raw_codec(self.sensor), **common)
-            self.transport.publish(self.topics.raw(self.cell, self.device), frame, events=[capture.event])
+            frame = encode_slot_frame(RAW, model=model, event=event, tensor=np.asarray(capture.sample),
+                                      codec=raw_codec(self.sensor))
+            self.transport.publish(self.topics.raw(self.cell, self.device), frame, qos=0, events=[event])
             return
         scores, feature = run_device_shard(self.runner, capture.sample)
-        frame = encode_tensor_frame(SCORES, tensor=scores, codec=self.codecs["scores"], **common)
-        self.transport.publish(self.topics.scores(self.cell, self.device), frame, events=[capture.event])
-        if self.policy == "eager":
-            self._send_feature(capture.event, capture.captured, feature)
-        else:
-            self.store.put(capture.event, capture.captured, feature, time.monotonic())
+        eager = self.policy == "eager"
+        vote = self.cache.vote(feature, time.monotonic()) if self.cache is not None else None
+        frame = encode_slot_frame(SCORES, model=model, event=event, tensor=scores, codec=self.codecs["scores"],
+                                  feature=feature if eager else None, feature_codec=self.codecs["feature"],
+                                  vote=vote)
+        self.transport.publish(self.topics.scores(self.cell, self.device), frame, qos=0, events=[event])
+        if not eager:
+            self.store.put(event, feature, time.monotonic())
 
     def on_result(self, msg: Message) -> None:
         """The cell's answer to an event whose feature is still held here: teach the cache."""
@@ -116,29 +122,27 @@ class DeviceAgent(Service):
         now = time.monotonic()
         held = self.store.get(result.event, now)
         if held is not None:
-            self.cache.learn(held[1], result.label, result.exit, result.model, now)
+            self.cache.learn(held, result.label, result.exit, result.model, now)
 
     def on_request(self, msg: Message) -> None:
-        frame = decode_frame(msg.payload, self.expect, topic=msg.topic)
-        if frame.kind != REQUEST or (frame.devices and self.device not in frame.devices):
+        frame = decode_frame(msg.payload, "request", self.expect, topic=msg.topic)
+        if self.device not in frame.devices:
             return
         gone = []
         now = time.monotonic()
-        for event in frame.events:
-            held = self.store.get(event, now)
-            if held is None:
+        for slot in frame.events:
+            event = unwrap_slot(slot, self.store.latest)
+            feature = self.store.get(event, now)
+            if feature is None:
                 gone.append(event)
             else:
-                self._send_feature(event, held[0], held[1])
+                payload = encode_slot_frame(FEATURE, model=self.manifest.model_id, event=event, tensor=feature,
+                                            codec=self.codecs["feature"])
+                self.transport.publish(self.topics.feature(self.cell, self.device), payload, qos=0, events=[event])
         if gone:
             self.log.info("%s: %d requested features already dropped (first event %d)", self.name, len(gone), gone[0])
-            payload = encode_events_frame(GONE, sender=self.device, model=self.manifest.model_id, events=gone)
-            self.transport.publish(self.topics.feature(self.cell, self.device), payload, events=gone)
-
-    def _send_feature(self, event: int, captured: float, feature: np.ndarray) -> None:
-        frame = encode_tensor_frame(FEATURE, event=event, sender=self.device, captured=captured,
-                                    model=self.manifest.model_id, tensor=feature, codec=self.codecs["feature"])
-        self.transport.publish(self.topics.feature(self.cell, self.device), frame, events=[event])
+            payload = encode_events_frame(GONE, model=self.manifest.model_id, events=gone)
+            self.transport.publish(self.topics.feature(self.cell, self.device), payload, qos=0, events=gone)
 
     def on_stop(self) -> None:
         stop = getattr(self.source, "stop", None)

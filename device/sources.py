@@ -24,6 +24,8 @@ class Capture:
 
 
 class Source(Protocol):
+    rate: float           # captures per second, the cell's common slot rate
+
     def captures(self) -> Iterator[Capture]: ...
 
 

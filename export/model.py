@@ -44,6 +44,7 @@ class ModelSpec:
     feature_channels: int = 4
     local_fusion: str = "max"
     edge_fusion: str = "concat"
+    binary_feature: bool = False   # the device sends sign(feature): DDNN's binarized trunk
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -127,6 +128,29 @@ def _conv_block(kind: str, c_in: int, c_out: int, *, kernel: int = 3, stride: in
     return nn.Sequential(*layers, norm(c_out), nn.ReLU())
 
 
+class _SignSTE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        ctx.save_for_backward(x)
+        return torch.where(x > 0, 1.0, -1.0).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        (x,) = ctx.saved_tensors
+        return grad * (x.abs() <= 1).to(grad.dtype)
+
+
+class BinarizeSTE(nn.Module):
+    """+1 where x > 0, else -1; trained through with the straight-through estimator (the
+    gradient of hardtanh), as in DDNN's binarized device trunk. The 1-bit ``sign`` codec then
+    carries exactly what the gateway was trained on."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.training:
+            return _SignSTE.apply(x)
+        return torch.where(x > 0, 1.0, -1.0).to(x.dtype)
+
+
 def _global_pool(x: Tensor) -> Tensor:
     """``[B, C, ...]`` -> ``[B, 2C]``: max and mean over all positions (position-invariant)."""
     flat = x.flatten(2)
@@ -155,6 +179,8 @@ class DeviceShard(nn.Module):
             _conv_block(spec.kind, spec.channels, TRUNK_CHANNELS, kernel=kernel, stride=2),
             _conv_block(spec.kind, TRUNK_CHANNELS, HIDDEN_CHANNELS, kernel=kernel, pool=True))
         self.project = _conv_block(spec.kind, HIDDEN_CHANNELS, spec.feature_channels, kernel=kernel)
+        if spec.binary_feature:
+            self.project[-1] = BinarizeSTE()
         self.exit = nn.Linear(2 * HIDDEN_CHANNELS, spec.num_classes)
 
     def set_normalization(self, mean: np.ndarray, std: np.ndarray) -> None:

@@ -9,7 +9,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fogsplit.codecs import CodecSpec, calibrate_int8, payload_bytes
+from fogsplit.codecs import CodecSpec, calibrate_int8
+from fogsplit.frames import FEATURE, REQUEST, SCORES, SLOT_MOD, encode_events_frame, encode_forward_frame, \
+    encode_slot_frame
+from fogsplit.mqtt import ALIAS_PROPERTY_BYTES, publish_packet_size
+from fogsplit.topics import Topics
 from fogsplit.dataset import Dataset
 from fogsplit.manifest import CacheSpec, Manifest, SensorSpec, write_manifest
 
@@ -17,10 +21,11 @@ from fogsplit.export.cache_calibrate import calibrate_cache_threshold, calibrate
 from fogsplit.export.calibrate import calibrate_thresholds, simulate_cascade
 from fogsplit.export.model import DDNN, ModelSpec, fuse_features
 from fogsplit.export.shards import ShardPlan, write_shard
+from fogsplit.export.split import prune_to_budget
 from fogsplit.export.train import predict, train
 
 log = logging.getLogger("fogsplit.export")
-MQTT_OVERHEAD = 60  # fixed header, topic and frame keys of one data frame, roughly
+FEATURE_CODECS = ("fp32", "fp16", "int8", "sign")
 
 
 @dataclass(frozen=True)
@@ -30,9 +35,10 @@ class ExportOptions:
     feature_channels: int = 4
     local_fusion: str = "max"
     edge_fusion: str = "concat"
-    scores_codec: str = "fp16"
-    feature_codec: str = "int8"
+    scores_codec: str = "int8"
+    feature_codec: str = "sign"
     forward_codec: str = "int8"
+    feature_bytes: int | None = None   # prune the split layer until a device's feature fits this
     max_accuracy_drop: float = 0.005
     cache_k: int = 4
     cache_quorum: float = 0.5
@@ -49,9 +55,13 @@ class ExportOptions:
             raise ValueError(f"local fusion must be max or mean, got {self.local_fusion!r}")
         if self.edge_fusion not in ("max", "mean", "concat"):
             raise ValueError(f"edge fusion must be max, mean or concat, got {self.edge_fusion!r}")
-        for stream in ("scores_codec", "feature_codec", "forward_codec"):
+        for stream in ("scores_codec", "forward_codec"):
             if getattr(self, stream) not in ("fp32", "fp16", "int8"):
                 raise ValueError(f"{stream} must be fp32, fp16 or int8, got {getattr(self, stream)!r}")
+        if self.feature_codec not in FEATURE_CODECS:
+            raise ValueError(f"feature_codec must be one of {FEATURE_CODECS}, got {self.feature_codec!r}")
+        if self.feature_bytes is not None and not 1 <= self.feature_bytes <= 1 << 20:
+            raise ValueError(f"feature_bytes must be 1..{1 << 20}, got {self.feature_bytes}")
         if not 0 <= self.max_accuracy_drop <= 1:
             raise ValueError("max_accuracy_drop must be in [0, 1]")
         if not 1 <= self.cache_k <= 64:
@@ -93,23 +103,29 @@ def export_bundle(data: Dataset, out_dir: str | Path, options: ExportOptions | N
     t0 = time.perf_counter()
     fit, val = split_validation(data.train(), options.val_fraction, options.seed)
     spec = ModelSpec.for_dataset(data, feature_channels=options.feature_channels,
-                                 local_fusion=options.local_fusion, edge_fusion=options.edge_fusion)
+                                 local_fusion=options.local_fusion, edge_fusion=options.edge_fusion,
+                                 binary_feature=options.feature_codec == "sign")
     torch.manual_seed(options.seed)
     model = DDNN(spec)
     report = train(model, fit, epochs=options.epochs, seed=options.seed, progress=options.progress)
+    log.info("trained %d epochs in %.1fs on %d samples", report.epochs, time.perf_counter() - t0, len(fit))
+    split_report = None
+    if options.feature_bytes:
+        model, split_report = prune_to_budget(model, fit, codec=options.feature_codec,
+                                              budget_bytes=options.feature_bytes,
+                                              epochs=max(2, options.epochs // 2), seed=options.seed,
+                                              progress=options.progress)
+        spec = model.spec
     seconds["train"] = time.perf_counter() - t0
-    log.info("trained %d epochs in %.1fs on %d samples", report.epochs, seconds["train"], len(fit))
 
     t1 = time.perf_counter()
     model.eval()
     codecs = calibrate_codecs(model, fit, options)
     val_logits = predict(model, val)
-    feature_values = int(np.prod(spec.feature_shape))
-    forward_values = int(np.prod(spec.edge_feature_shape))
-    point = calibrate_thresholds(
-        val_logits, val.y, max_accuracy_drop=options.max_accuracy_drop,
-        feature_cost=MQTT_OVERHEAD + len(spec.sensors) * (payload_bytes(codecs["feature"], feature_values) + MQTT_OVERHEAD),
-        forward_cost=payload_bytes(codecs["forward"], forward_values) + MQTT_OVERHEAD)
+    costs = wire_costs(spec, codecs)
+    point = calibrate_thresholds(val_logits, val.y, max_accuracy_drop=options.max_accuracy_drop,
+                                 feature_cost=costs["request"] + len(spec.sensors) * costs["feature"],
+                                 forward_cost=costs["forward"])
     log.info("exit thresholds local=%.3f edge=%.3f: validation accuracy %.4f, exits %s",
              point.local, point.edge, point.accuracy, {k: round(v, 3) for k, v in point.exit_fraction.items()})
 
@@ -129,12 +145,31 @@ def export_bundle(data: Dataset, out_dir: str | Path, options: ExportOptions | N
         thresholds={"local": point.local, "edge": point.edge}, codecs=codecs, dataset=data.name, cache=cache,
         metrics=test_metrics(model, data.test(), point.local, point.edge) | {
             "validation_accuracy": point.accuracy, "validation_exit_fraction": point.exit_fraction,
-            "train_seconds": round(seconds["train"], 2)},
+            "train_seconds": round(seconds["train"], 2)} | ({"split_pruning": split_report} if split_report else {}),
     )
     manifest = write_manifest(manifest, out)
     log.info("bundle %s written to %s (%s)", manifest.model_id, out,
              ", ".join(f"{s.name} {s.params} params" for s in shards))
     return ExportReport(manifest=manifest, path=out, seconds=seconds)
+
+
+def wire_costs(spec: ModelSpec, codecs: dict[str, CodecSpec]) -> dict[str, int]:
+    """Bytes of each kind of data packet on the wire (MQTT 5 with topic aliases), measured by
+    encoding real frames: what the threshold calibration trades off."""
+    sensors = tuple(spec.sensors)
+    feature = np.zeros(spec.feature_shape, np.float32)
+    frames = {
+        "scores": encode_slot_frame(SCORES, model="m", event=SLOT_MOD - 1, tensor=np.zeros(spec.num_classes),
+                                    codec=codecs["scores"]),
+        "feature": encode_slot_frame(FEATURE, model="m", event=SLOT_MOD - 1, tensor=feature, codec=codecs["feature"]),
+        "request": encode_events_frame(REQUEST, model="m", events=[SLOT_MOD - 1], devices=sensors, sensors=sensors),
+    }
+    costs = {k: publish_packet_size("", len(f), 0, mqtt5=True, properties_len=ALIAS_PROPERTY_BYTES)
+             for k, f in frames.items()}
+    forward = encode_forward_frame(model="m", event=1 << 40, captured=1.7e9, devices=sensors, sensors=sensors,
+                                   tensor=np.zeros(spec.edge_feature_shape, np.float32), codec=codecs["forward"])
+    costs["forward"] = publish_packet_size(Topics("demo").forward("cell0"), len(forward), 1, mqtt5=True)
+    return costs
 
 
 def shard_plans(model: DDNN, val: Dataset, batch: int = 64) -> list[ShardPlan]:
@@ -184,10 +219,17 @@ def calibrate_cache(model: DDNN, val: Dataset, val_logits: dict[str, np.ndarray]
 
 def calibrate_codecs(model: DDNN, data: Dataset, options: ExportOptions, limit: int = 512) -> dict[str, CodecSpec]:
     """Codec per stream; int8 scale and zero point from the model's outputs on training data."""
-    feats, _, edge = split_features(model, data.subset(np.arange(min(limit, len(data)))))
-    samples = {"feature": feats.numpy(), "forward": edge.numpy()}
-    codecs = {"scores": CodecSpec(options.scores_codec)}
-    for stream, name in (("feature", options.feature_codec), ("forward", options.forward_codec)):
+    x = as_tensor(data.subset(np.arange(min(limit, len(data)))))
+    with torch.no_grad():
+        outs = [model.devices[s](x[:, k]) for k, s in enumerate(model.spec.sensors)]
+        feats = [f for _, f in outs]
+        present = torch.ones(x.shape[0], len(feats), dtype=torch.bool)
+        edge = model.gateway(fuse_features(torch.stack(feats, 1), present, model.spec.edge_fusion))[1]
+    samples = {"scores": torch.stack([s for s, _ in outs]).numpy(), "feature": torch.stack(feats).numpy(),
+               "forward": edge.numpy()}
+    codecs = {}
+    for stream, name in (("scores", options.scores_codec), ("feature", options.feature_codec),
+                         ("forward", options.forward_codec)):
         codecs[stream] = calibrate_int8(samples[stream]) if name == "int8" else CodecSpec(name)
     return codecs
 

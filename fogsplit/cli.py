@@ -29,6 +29,16 @@ def _positive(kind):
     return parse
 
 
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not in [0, 1]")
+    return value
+
+
 def _name(text: str) -> str:
     from fogsplit.topics import check_name
     try:
@@ -118,7 +128,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="channels of the split layer (what devices send)")
     p.add_argument("--edge-fusion", choices=["max", "mean", "concat"], default=None)
     p.add_argument("--local-fusion", choices=["max", "mean"], default=None)
-    p.add_argument("--feature-codec", choices=["fp32", "fp16", "int8"], default=None)
+    p.add_argument("--feature-codec", choices=["fp32", "fp16", "int8", "sign"], default=None,
+                   help="how device features travel (default sign: a binarized trunk, 1 bit per value)")
+    p.add_argument("--scores-codec", choices=["fp32", "fp16", "int8"], default=None,
+                   help="how device exit scores travel (default int8)")
+    p.add_argument("--feature-bytes", type=_positive(int), default=None,
+                   help="prune the split layer until one device's feature fits this many bytes, then fine-tune")
     p.add_argument("--max-accuracy-drop", type=float, default=None,
                    help="how much accuracy the early exits may cost on validation data (default 0.005)")
     p.add_argument("--no-progress", action="store_true")
@@ -146,6 +161,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--deadline-ms", type=_positive(float), default=250.0)
     p.add_argument("--feature-deadline-ms", type=_positive(float), default=500.0)
     p.add_argument("--stats-period", type=_positive(float), default=5.0)
+    p.add_argument("--local-threshold", type=_fraction, default=None,
+                   help="normalized-entropy exit threshold of the local exit (default: the bundle's)")
+    p.add_argument("--edge-threshold", type=_fraction, default=None,
+                   help="normalized-entropy exit threshold of the edge exit (default: the bundle's)")
     p.add_argument("--threads", type=_positive(int), default=1)
     _cache_flags(p, entries=4096, max_bytes=64 << 20)
 
@@ -201,6 +220,8 @@ def _export_options(args):
              "feature_channels": getattr(args, "feature_channels", None),
              "edge_fusion": getattr(args, "edge_fusion", None), "local_fusion": getattr(args, "local_fusion", None),
              "feature_codec": getattr(args, "feature_codec", None),
+             "scores_codec": getattr(args, "scores_codec", None),
+             "feature_bytes": getattr(args, "feature_bytes", None),
              "max_accuracy_drop": getattr(args, "max_accuracy_drop", None),
              "progress": not getattr(args, "no_progress", False)}
     return ExportOptions(**{k: v for k, v in given.items() if v is not None})
@@ -274,7 +295,9 @@ def cmd_gateway(args) -> int:
 
     topics = Topics(args.fleet)
     settings = GatewaySettings(deadline_ms=args.deadline_ms, feature_deadline_ms=args.feature_deadline_ms,
-                               stats_period_s=args.stats_period, threads=args.threads, cache=_cache_settings(args))
+                               stats_period_s=args.stats_period, threads=args.threads,
+                               local_threshold=args.local_threshold, edge_threshold=args.edge_threshold,
+                               cache=_cache_settings(args))
     bundle = load_bundle(args.bundle, shards=["gateway"])
     transport = MqttTransport(args.broker, f"{args.fleet}-{args.cell}-{args.name}",
                               will=(topics.gateway_status(args.cell, args.name), status_payload("offline")))

@@ -233,7 +233,7 @@ def run_demo(*, data: str = "images", broker: str | None = None, events: int | N
             if embedded:
                 embedded.stop()
         report = build_report(fog, raw, single_device_accuracy(bundle, test))
-    report = {"data": dataset.name, "model": bundle.manifest.model_id, "broker": "embedded" if embedded else url,
+    report = {"data": dataset.name, "model": bundle.manifest.model_id, "broker": f"embedded {embedded.kind}" if embedded else url,
               **report, "thresholds": bundle.manifest.thresholds,
               "seconds": {"train": round(train_seconds, 1), "total": round(time.perf_counter() - started, 1)}}
     return report

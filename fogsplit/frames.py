@@ -1,159 +1,253 @@
-"""Wire frames: the msgpack maps that carry scores, features and requests between tiers.
+"""Wire frames: the msgpack arrays that carry scores, features and requests between tiers.
+
+A frame carries only what neither its topic nor the bundle already says, because on the data
+path the frame is most of the packet (DESIGN.md's self-describing map cost about 100 bytes per
+6-byte score vector; docs/architecture.md has the accounting):
+
+==========  =========================  ==============================================
+kind        topic leaf                 msgpack array
+==========  =========================  ==============================================
+scores      ``device/{d}/scores``      ``[tag, slot, scores]`` or, one-phase,
+                                       ``[tag, slot, scores, feature]``; either may end
+                                       with ``vote``, the label the device's own
+                                       cache answers (docs/cache.md)
+feature     ``device/{d}/feature``     ``[tag, slot, feature]``
+gone        ``device/{d}/feature``     ``[tag, [slot, ...]]``: features no longer held
+raw         ``device/{d}/raw``         ``[tag, slot, sample]``
+request     ``request``                ``[tag, [slot, ...], device_mask]``
+forward     ``forward``                ``[tag, event, captured, device_mask, edge_feature]``
+==========  =========================  ==============================================
+
+- The sender is the device in the topic, the kind is the topic's leaf.
+- ``tag`` (0..127, one byte) is derived from the model id and this protocol version; a frame
+  for another model or protocol fails it. The exact check is the model id in each device's
+  retained status, which the gateway compares with its own.
+- ``slot`` is the event id modulo 2**16, two bytes where the id itself would take nine; the
+  receiver restores the full id from the capture rate the device announced (see
+  :func:`unwrap_slot`), the way RTP restores 16-bit sequence numbers.
+- Tensors are payload bytes only: codec, calibration and shape come from the manifest, and
+  the decoder checks the length against them.
+- ``device_mask`` is a bitmask over the manifest's sensor order.
 
 Decoding checks everything a hostile or broken sender could get wrong and raises
 :class:`FrameError` naming the rule, so a tier can report the frame and go on serving.
 """
 from __future__ import annotations
 
+import hashlib
 import math
-import re
 from dataclasses import dataclass, field
 
 import msgpack
 import numpy as np
 
-from fogsplit.codecs import CODECS, CodecSpec, decode_tensor, encode_tensor
+from fogsplit.codecs import CodecSpec, decode_tensor, encode_tensor
 from fogsplit.errors import FrameError
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 MAX_FRAME_BYTES = 1 << 20
 MAX_EVENTS_PER_REQUEST = 1024
 MAX_EVENT_ID = (1 << 63) - 1
-_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+SLOT_BITS = 16
+SLOT_MOD = 1 << SLOT_BITS
 
 SCORES, FEATURE, REQUEST, FORWARD, RAW, GONE = "s", "f", "q", "w", "r", "g"
 KINDS = {SCORES: "scores", FEATURE: "feature", REQUEST: "request", FORWARD: "forward",
          RAW: "raw", GONE: "gone"}
 TENSOR_KINDS = (SCORES, FEATURE, FORWARD, RAW)
-_KEYS = {"v", "k", "e", "d", "t", "m", "c", "q", "s", "b", "p"}
+LEAF_KINDS = {"scores": (SCORES,), "feature": (FEATURE, GONE), "raw": (RAW,), "request": (REQUEST,),
+              "forward": (FORWARD,)}
+
+
+def frame_tag(model_id: str) -> int:
+    """One byte (a msgpack positive fixint) naming the model and protocol a frame is for."""
+    return hashlib.sha256(f"fogsplit/{PROTOCOL_VERSION}/{model_id}".encode()).digest()[0] & 0x7F
+
+
+def to_slot(event: int) -> int:
+    return int(event) % SLOT_MOD
+
+
+def unwrap_slot(slot: int, near: int) -> int:
+    """The event id congruent to ``slot`` modulo 2**16 that lies closest to ``near``
+    (an id the receiver expects: its clock times the capture rate, or one it holds)."""
+    base = near - (near % SLOT_MOD) + slot
+    candidates = (base - SLOT_MOD, base, base + SLOT_MOD)
+    return min((c for c in candidates if c >= 0), key=lambda c: abs(c - near))
+
+
+def devices_to_mask(devices, sensors: tuple[str, ...]) -> int:
+    return sum(1 << sensors.index(d) for d in devices)
+
+
+def mask_to_devices(mask: int, sensors: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(s for i, s in enumerate(sensors) if mask >> i & 1)
 
 
 @dataclass(frozen=True, slots=True)
 class Frame:
-    """A decoded frame. ``tensor`` is set for scores, feature, forward and raw frames;
-    ``events`` for requests and gone notices; ``devices`` for forwards (who took part)."""
+    """A decoded frame. ``slot`` is set for scores, feature and raw frames (the receiver
+    unwraps it), ``event`` and ``captured`` for forwards; ``tensor`` for tensor frames
+    (``feature`` too for one-phase scores); ``vote`` for scores whose device's cache hit;
+    ``events`` (slots) for requests and gone notices; ``devices`` for requests and forwards."""
 
     kind: str
-    sender: str
-    model: str
+    slot: int = 0
     event: int = 0
     captured: float = 0.0
     tensor: np.ndarray | None = None
-    codec: str = ""
+    feature: np.ndarray | None = None
+    vote: int | None = None
     events: tuple[int, ...] = ()
     devices: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
 class Expect:
-    """What a receiver accepts: its model id and, per tensor kind, the shape it must have."""
+    """What a receiver accepts: its model, its sensors, and per tensor kind the shape and codec."""
 
     model: str
+    sensors: tuple[str, ...] = ()
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     codecs: dict[str, CodecSpec] = field(default_factory=dict)
 
+    @property
+    def tag(self) -> int:
+        return frame_tag(self.model)
 
-def encode_tensor_frame(kind: str, *, event: int, sender: str, captured: float, model: str,
-                        tensor: np.ndarray, codec: CodecSpec,
-                        devices: tuple[str, ...] = ()) -> bytes:
-    """Encode a frame that carries one tensor."""
-    body: dict = {"v": PROTOCOL_VERSION, "k": kind, "e": int(event), "d": sender,
-                  "t": float(captured), "m": model, "c": codec.name,
-                  "s": list(tensor.shape), "b": encode_tensor(tensor, codec)}
-    if codec.lossless:
-        body["c"] = f"{codec.name}+{codec.lossless}"
-    if devices:
-        body["p"] = list(devices)
+
+def _pack(body: list) -> bytes:
     return msgpack.packb(body, use_bin_type=True)
 
 
-def encode_events_frame(kind: str, *, sender: str, model: str, events: list[int],
-                        devices: tuple[str, ...] = ()) -> bytes:
-    """Encode a request for features (from ``devices``), or a device's notice that they are gone."""
-    body: dict = {"v": PROTOCOL_VERSION, "k": kind, "d": sender, "m": model, "e": [int(e) for e in events]}
-    if devices:
-        body["p"] = list(devices)
-    return msgpack.packb(body, use_bin_type=True)
+def encode_slot_frame(kind: str, *, model: str, event: int, tensor: np.ndarray, codec: CodecSpec,
+                      feature: np.ndarray | None = None, feature_codec: CodecSpec | None = None,
+                      vote: int | None = None) -> bytes:
+    """A device's scores (with its feature, one-phase; with its cache's vote on a hit), feature
+    or raw sample for one event."""
+    body = [frame_tag(model), to_slot(event), encode_tensor(tensor, codec)]
+    if feature is not None:
+        if kind != SCORES or feature_codec is None:
+            raise ValueError("only a scores frame carries a feature, and it needs the feature codec")
+        body.append(encode_tensor(feature, feature_codec))
+    if vote is not None:
+        if kind != SCORES:
+            raise ValueError("only a scores frame carries a cache vote")
+        body.append(int(vote))
+    return _pack(body)
 
 
-def decode_frame(payload: bytes, expect: Expect, *, topic: str | None = None) -> Frame:
-    """Decode and validate one frame; raises :class:`FrameError` with the broken rule."""
+def encode_events_frame(kind: str, *, model: str, events: list[int], devices: tuple[str, ...] = (),
+                        sensors: tuple[str, ...] = ()) -> bytes:
+    """A gateway's request for the features of ``events`` from ``devices``, or a device's notice
+    that the features of ``events`` are gone."""
+    slots = [to_slot(e) for e in events]
+    if kind == REQUEST:
+        return _pack([frame_tag(model), slots, devices_to_mask(devices, sensors)])
+    return _pack([frame_tag(model), slots])
+
+
+def encode_forward_frame(*, model: str, event: int, captured: float, devices: tuple[str, ...],
+                         sensors: tuple[str, ...], tensor: np.ndarray, codec: CodecSpec) -> bytes:
+    """The gateway's hand-over to the cloud: full event id and capture time, since the cloud
+    has no device status to restore them from."""
+    return _pack([frame_tag(model), int(event), float(captured), devices_to_mask(devices, sensors),
+                  encode_tensor(tensor, codec)])
+
+
+def decode_frame(payload: bytes, leaf: str, expect: Expect, *, topic: str | None = None,
+                 device: str | None = None) -> Frame:
+    """Decode and validate one frame that arrived on a topic ending in ``leaf``; raises
+    :class:`FrameError` with the broken rule (``device`` is named in the error)."""
     if len(payload) > MAX_FRAME_BYTES:
-        raise FrameError("size", f"{len(payload)} bytes exceeds the {MAX_FRAME_BYTES} byte cap", topic=topic)
+        raise FrameError("size", f"{len(payload)} bytes exceeds the {MAX_FRAME_BYTES} byte cap",
+                         device=device, topic=topic)
     try:
         body = msgpack.unpackb(payload, raw=False, strict_map_key=True,
                                max_bin_len=MAX_FRAME_BYTES, max_str_len=4096,
                                max_array_len=MAX_EVENTS_PER_REQUEST, max_map_len=32)
     except Exception as exc:
-        raise FrameError("msgpack", f"not a msgpack frame ({type(exc).__name__}: {exc})", topic=topic) from exc
-    if not isinstance(body, dict):
-        raise FrameError("msgpack", f"frame is a {type(body).__name__}, not a map", topic=topic)
-    device = body.get("d") if isinstance(body.get("d"), str) else None
-    event = body.get("e") if isinstance(body.get("e"), int) else None
+        raise FrameError("msgpack", f"not a msgpack frame ({type(exc).__name__}: {exc})",
+                         device=device, topic=topic) from exc
+    event = body[1] if isinstance(body, list) and len(body) > 1 and _is_event_id(body[1]) else None
     try:
-        return _check(body, expect)
+        return _check(body, leaf, expect)
     except FrameError as exc:
         raise FrameError(exc.rule, exc.detail, device=device, event=event, topic=topic) from None
 
 
-def _check(body: dict, expect: Expect) -> Frame:
-    unknown = set(body) - _KEYS
-    if unknown:
-        raise FrameError("keys", f"unknown keys {sorted(unknown)}")
-    if body.get("v") != PROTOCOL_VERSION:
-        raise FrameError("version", f"protocol version {body.get('v')!r}, this tier speaks {PROTOCOL_VERSION}")
-    kind = body.get("k")
-    if kind not in KINDS:
-        raise FrameError("kind", f"unknown frame kind {kind!r}")
-    sender = body.get("d")
-    if not isinstance(sender, str) or not _ID.match(sender):
-        raise FrameError("sender", f"sender id {sender!r} is not 1-64 of [A-Za-z0-9_.-]")
-    if body.get("m") != expect.model:
-        raise FrameError("model", f"frame is for model {body.get('m')!r}, this tier runs {expect.model!r}")
-    devices = body.get("p", [])
-    if not isinstance(devices, list) or not all(isinstance(d, str) and _ID.match(d) for d in devices):
-        raise FrameError("devices", "the list of devices is malformed")
-    if kind in (REQUEST, GONE):
-        events = body.get("e")
-        if not isinstance(events, list) or not events or not all(_is_event_id(e) for e in events):
-            raise FrameError("event", f"a {KINDS[kind]} frame must list 1 or more event ids (non-negative integers)")
-        return Frame(kind=kind, sender=sender, model=expect.model, events=tuple(events), devices=tuple(devices))
-    event = body.get("e")
-    if not _is_event_id(event):
-        raise FrameError("event", f"event id {event!r} is not a non-negative integer")
-    captured = body.get("t")
-    if not isinstance(captured, (int, float)) or not math.isfinite(captured) or captured < 0:
-        raise FrameError("time", f"capture time {captured!r} is not a finite non-negative number")
-    tensor, codec = _check_tensor(body, kind, expect)
-    return Frame(kind=kind, sender=sender, model=expect.model, event=event, captured=float(captured),
-                 tensor=tensor, codec=codec, devices=tuple(devices))
+def _check(body: object, leaf: str, expect: Expect) -> Frame:
+    if leaf not in LEAF_KINDS:
+        raise FrameError("kind", f"no frame belongs on a {leaf!r} topic")
+    if not isinstance(body, list) or not body:
+        raise FrameError("layout", f"frame is a {type(body).__name__}, not a msgpack array "
+                                   f"(protocol {PROTOCOL_VERSION})")
+    if body[0] != expect.tag:
+        raise FrameError("model", f"frame tag {body[0]!r} is not {expect.tag}, the tag of model {expect.model!r} "
+                                  f"under protocol {PROTOCOL_VERSION}: the sender runs another model or protocol")
+    kinds = LEAF_KINDS[leaf]
+    if GONE in kinds and len(body) == 2 and isinstance(body[1], list):
+        return Frame(kind=GONE, events=_check_slots(body[1], "gone"))
+    kind = kinds[0]
+    if kind == REQUEST:
+        _need_len(body, (3,), kind)
+        return Frame(kind=REQUEST, events=_check_slots(body[1], "request"),
+                     devices=_check_mask(body[2], expect.sensors))
+    if kind == FORWARD:
+        _need_len(body, (5,), kind)
+        _, event, captured, mask, payload = body
+        if not _is_event_id(event):
+            raise FrameError("event", f"event id {event!r} is not a non-negative integer")
+        if not isinstance(captured, float) or not math.isfinite(captured) or captured < 0:
+            raise FrameError("time", f"capture time {captured!r} is not a finite non-negative number")
+        return Frame(kind=FORWARD, event=event, captured=captured, devices=_check_mask(mask, expect.sensors),
+                     tensor=_check_tensor(payload, FORWARD, expect))
+    _need_len(body, (3, 4, 5) if kind == SCORES else (3,), kind)
+    slot = body[1]
+    if not isinstance(slot, int) or isinstance(slot, bool) or not 0 <= slot < SLOT_MOD:
+        raise FrameError("event", f"event slot {slot!r} is not an integer in 0..{SLOT_MOD - 1}")
+    tensor = _check_tensor(body[2], kind, expect)
+    extra = body[3:]
+    vote = _check_vote(extra.pop(), expect) if extra and not isinstance(extra[-1], bytes) else None
+    if len(extra) > 1:
+        raise FrameError("layout", "a scores frame carries at most a feature and a cache vote after the scores")
+    feature = _check_tensor(extra[0], FEATURE, expect) if extra else None
+    return Frame(kind=kind, slot=slot, tensor=tensor, feature=feature, vote=vote)
 
 
-def _check_tensor(body: dict, kind: str, expect: Expect) -> tuple[np.ndarray, str]:
-    codec_name = body.get("c")
-    if not isinstance(codec_name, str):
-        raise FrameError("codec", "missing codec name")
-    name, _, lossless = codec_name.partition("+")
-    if name not in CODECS or lossless not in ("", "zlib"):
-        raise FrameError("codec", f"unknown codec {codec_name!r}")
-    base = expect.codecs.get(kind)
-    if base is not None and base.name != name:
-        raise FrameError("codec", f"{KINDS[kind]} frames use codec {base.name!r} here, got {name!r}")
-    if name in ("int8", "topk") and base is None:
-        raise FrameError("codec", f"codec {name!r} needs calibration this tier does not have for {KINDS[kind]}")
-    spec = base if base is not None else CodecSpec(name)
-    if lossless != spec.lossless:
-        spec = CodecSpec(spec.name, spec.scale, spec.zero_point, spec.k, lossless)
-    shape = body.get("s")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and 0 < d <= 1 << 20 for d in shape):
-        raise FrameError("shape", f"shape {shape!r} is not a list of positive integers")
-    want = expect.shapes.get(kind)
-    if want is not None and tuple(shape) != tuple(want):
-        raise FrameError("shape", f"{KINDS[kind]} shape {shape} differs from the model's {list(want)}")
-    payload = body.get("b")
+def _check_vote(vote: object, expect: Expect) -> int:
+    classes = expect.shapes[SCORES][0]
+    if not isinstance(vote, int) or isinstance(vote, bool) or not 0 <= vote < classes:
+        raise FrameError("vote", f"cache vote {vote!r} is not a class index 0..{classes - 1}")
+    return vote
+
+
+def _need_len(body: list, lengths: tuple[int, ...], kind: str) -> None:
+    if len(body) not in lengths:
+        raise FrameError("layout", f"a {KINDS[kind]} frame has {' or '.join(map(str, lengths))} fields, "
+                                   f"this one {len(body)}")
+
+
+def _check_slots(slots: object, what: str) -> tuple[int, ...]:
+    if not isinstance(slots, list) or not slots or not all(
+            isinstance(s, int) and not isinstance(s, bool) and 0 <= s < SLOT_MOD for s in slots):
+        raise FrameError("event", f"a {what} frame must list 1 or more event slots (integers 0..{SLOT_MOD - 1})")
+    return tuple(slots)
+
+
+def _check_mask(mask: object, sensors: tuple[str, ...]) -> tuple[str, ...]:
+    if not isinstance(mask, int) or isinstance(mask, bool) or not 0 < mask < (1 << len(sensors)):
+        raise FrameError("devices", f"device mask {mask!r} names no device of this model's {len(sensors)}")
+    return mask_to_devices(mask, sensors)
+
+
+def _check_tensor(payload: object, kind: str, expect: Expect) -> np.ndarray:
     if not isinstance(payload, bytes):
-        raise FrameError("payload", "payload is missing or not bytes")
-    return decode_tensor(payload, tuple(shape), spec), codec_name
+        raise FrameError("payload", f"the {KINDS[kind]} payload is missing or not bytes")
+    spec, shape = expect.codecs.get(kind), expect.shapes.get(kind)
+    if spec is None or shape is None:
+        raise FrameError("kind", f"this tier takes no {KINDS[kind]} frames")
+    return decode_tensor(payload, tuple(shape), spec)
 
 
 def _is_event_id(value: object) -> bool:

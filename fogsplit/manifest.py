@@ -10,7 +10,9 @@ import json
 from dataclasses import MISSING, asdict, dataclass, field, replace
 from pathlib import Path
 
-from fogsplit.codecs import CodecSpec
+import numpy as np
+
+from fogsplit.codecs import CodecSpec, payload_bytes
 from fogsplit.errors import BundleError
 
 SCHEMA_VERSION = 1
@@ -112,6 +114,11 @@ class Manifest:
     @property
     def feature_shape(self) -> tuple[int, ...]:
         return tuple(self.device_shard(self.sensors[0].name).outputs["feature"][1:])
+
+    @property
+    def feature_payload_bytes(self) -> int:
+        """Bytes of one device's encoded feature, before any lossless stage."""
+        return payload_bytes(self.codecs["feature"], int(np.prod(self.feature_shape)))
 
     @property
     def forward_shape(self) -> tuple[int, ...]:
@@ -283,6 +290,7 @@ def expect_frames(manifest: Manifest) -> "Expect":
     first = manifest.sensors[0]
     return Expect(
         model=manifest.model_id,
+        sensors=tuple(manifest.sensor_names),
         shapes={SCORES: (manifest.num_classes,), FEATURE: manifest.feature_shape,
                 FORWARD: manifest.forward_shape, RAW: tuple(first.shape)},
         codecs={SCORES: manifest.codecs["scores"], FEATURE: manifest.codecs["feature"],

@@ -10,12 +10,12 @@ import numpy as np
 from fogsplit.assembly import Assembler, Event
 from fogsplit.cache import CacheSettings
 from fogsplit.errors import FrameError
-from fogsplit.frames import FEATURE, FORWARD, GONE, REQUEST, SCORES, decode_frame, encode_events_frame, \
-    encode_tensor_frame
+from fogsplit.frames import GONE, REQUEST, to_slot, encode_events_frame, encode_forward_frame
 from fogsplit.fusion import fuse
 from fogsplit.manifest import Bundle, expect_frames
 from fogsplit.mqtt import Message, Transport
 from fogsplit.results import EXIT_TIERS, make_result, parse_result
+from fogsplit.roster import Roster, decode_device_frame, parse_status
 from fogsplit.runner import ShardRunner
 from fogsplit.service import Service, status_payload
 from fogsplit.topics import Topics, device_of
@@ -30,11 +30,18 @@ class GatewaySettings:
     feature_deadline_ms: float = 500.0  # wait for requested features
     stats_period_s: float = 5.0
     threads: int = 1
-    cache: CacheSettings | None = None  # None: no semantic cache
+    local_threshold: float | None = None   # None: the bundle's calibrated exit thresholds
+    edge_threshold: float | None = None
+
+    cache: CacheSettings | None = None       # None: no semantic cache
 
     def __post_init__(self) -> None:
         if self.cache is not None and not isinstance(self.cache, CacheSettings):
             raise ValueError(f"cache must be CacheSettings or None, got {type(self.cache).__name__}")
+        for name in ("local_threshold", "edge_threshold"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= 1:
+                raise ValueError(f"{name} must be in [0, 1], got {value}")
         for name in ("deadline_ms", "feature_deadline_ms", "stats_period_s"):
             if not 0 < getattr(self, name) <= 600_000:
                 raise ValueError(f"{name} must be positive and at most 600000, got {getattr(self, name)}")
@@ -71,8 +78,12 @@ class Gateway(Service):
         self.cell, self.gateway = cell, gateway
         self.sensors = m.sensor_names
         self.thresholds = dict(m.thresholds)
+        for tier in ("local", "edge"):
+            if getattr(self.settings, f"{tier}_threshold") is not None:
+                self.thresholds[tier] = getattr(self.settings, f"{tier}_threshold")
         self.runner = ShardRunner(bundle.shard_path(m.tier_shard("gateway")), threads=self.settings.threads)
         self.expect = expect_frames(m)
+        self.roster = Roster(m.model_id)
         self.assembler = Assembler(self.sensors, self.settings.deadline_ms / 1000.0)
         self.stats = GatewayStats(gateway=gateway, cell=cell, model=m.model_id)
         self.started = time.monotonic()
@@ -94,53 +105,53 @@ class Gateway(Service):
         return super().start()
 
     # -- inputs ---------------------------------------------------------------------------
-    def _decode(self, msg: Message, kinds: tuple[str, ...]):
-        frame = decode_frame(msg.payload, self.expect, topic=msg.topic)
-        if frame.kind not in kinds:
-            raise FrameError("kind", f"a {frame.kind!r} frame does not belong on this topic",
-                             device=frame.sender, event=frame.event, topic=msg.topic)
-        if frame.sender not in self.sensors or frame.sender != device_of(msg.topic):
-            raise FrameError("device", f"unknown device {frame.sender!r}: this cell's model has {self.sensors}",
-                             device=frame.sender, event=frame.event, topic=msg.topic)
-        return frame
-
     def on_scores(self, msg: Message) -> None:
-        frame = self._decode(msg, (SCORES,))
-        ev = self.assembler.add(frame.event, frame.sender, frame.tensor, frame.captured, time.monotonic())
+        got = decode_device_frame(msg.payload, msg.topic, self.expect, self.roster)
+        frame, device, event = got.frame, got.device, got.event
+        ev = self.assembler.add(event, device, frame.tensor, got.captured, time.monotonic())
+        opened = self.assembler.open.get(event)
+        if frame.feature is not None and opened is not None:
+            opened.features[device] = frame.feature
+        if self.cache is not None and opened is not None and opened.stage == "scores":
+            opened.votes[device] = frame.vote
+            if self._answer_from_device_votes(opened, len(self.assembler.expected())):
+                return
         if ev is not None:
             self.decide_local(ev)
 
     def on_feature(self, msg: Message) -> None:
-        frame = self._decode(msg, (FEATURE, GONE))
+        got = decode_device_frame(msg.payload, msg.topic, self.expect, self.roster)
+        frame, device, event = got.frame, got.device, got.event
         if frame.kind == GONE:
-            for event in frame.events:
-                ev = self.assembler.open.get(event)
-                if ev is not None and ev.stage == "features":
-                    ev.waiting_for = ev.waiting_for - {frame.sender}
+            for ev in list(self.assembler.open.values()):
+                if ev.stage == "features" and to_slot(ev.event) in frame.events:
+                    ev.waiting_for = ev.waiting_for - {device}
                     self._maybe_run_edge(ev)
             return
-        ev = self.assembler.open.get(frame.event)
+        ev = self.assembler.open.get(event)
         if ev is None:
             return
-        ev.features[frame.sender] = frame.tensor
+        ev.features[device] = frame.tensor
         if ev.stage == "features":
-            ev.waiting_for = ev.waiting_for - {frame.sender}
+            ev.waiting_for = ev.waiting_for - {device}
             self._maybe_run_edge(ev)
 
     def on_device_status(self, msg: Message) -> None:
         device = device_of(msg.topic)
-        try:
-            state = json.loads(msg.payload).get("state")
-        except (ValueError, AttributeError):
-            raise FrameError("status", f"status of {device!r} is not JSON with a 'state'", device=device,
-                             topic=msg.topic) from None
+        status = parse_status(msg.payload, device, msg.topic)
         if device not in self.sensors:
             return
-        if state == "online":
+        self.roster.update(device, status)
+        if status.state == "online" and status.model not in (None, self.manifest.model_id):
+            self.assembler.online.discard(device)
+            raise FrameError("model", f"{device!r} came online with model {status.model!r}, this gateway runs "
+                                      f"{self.manifest.model_id!r}; its frames are refused", device=device,
+                             topic=msg.topic)
+        if status.state == "online":
             self.assembler.online.add(device)
         else:
             self.assembler.online.discard(device)
-        self.log.info("%s: device %s is %s; waiting for %s", self.name, device, state,
+        self.log.info("%s: device %s is %s; waiting for %s", self.name, device, status.state,
                       sorted(self.assembler.expected()))
 
     def on_command(self, msg: Message) -> None:
@@ -197,9 +208,9 @@ class Gateway(Service):
         ev.deadline = time.monotonic() + self.settings.feature_deadline_ms / 1000.0
         if missing:
             self.stats.requests += 1
-            payload = encode_events_frame(REQUEST, sender=self.gateway, model=self.manifest.model_id,
-                                          events=[ev.event], devices=tuple(sorted(missing)))
-            self.transport.publish(self.topics.request(self.cell), payload, events=[ev.event])
+            payload = encode_events_frame(REQUEST, model=self.manifest.model_id, events=[ev.event],
+                                          devices=tuple(sorted(missing)), sensors=self.expect.sensors)
+            self.transport.publish(self.topics.request(self.cell), payload, qos=0, events=[ev.event])
         else:
             self.run_edge(ev)
 
@@ -232,9 +243,9 @@ class Gateway(Service):
             return
         if self.cache is not None:
             self.cache.hold(ev.event, fused, now)
-        frame = encode_tensor_frame(FORWARD, event=ev.event, sender=self.gateway, captured=ev.captured,
-                                    model=self.manifest.model_id, tensor=edge_feature,
-                                    codec=self.manifest.codecs["forward"], devices=tuple(sorted(features)))
+        frame = encode_forward_frame(model=self.manifest.model_id, event=ev.event, captured=ev.captured,
+                                     devices=tuple(sorted(features)), sensors=self.expect.sensors,
+                                     tensor=edge_feature, codec=self.manifest.codecs["forward"])
         self.transport.publish(self.topics.forward(self.cell), frame, events=[ev.event])
         self.stats.exits["cloud"] += 1
         self.assembler.finish(ev.event)

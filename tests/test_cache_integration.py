@@ -70,10 +70,14 @@ def test_cache_threshold_changes_by_command_and_bad_input_is_refused(broker, bun
     assert wait_until(lambda: len(errors) >= 2, timeout=10), errors
     assert {e["rule"] for e in errors} == {"cmd"} and gateway.cache.cache.threshold == 0.25
     # A cache vote naming a class the model does not have is refused, naming the device.
+    rate = 20.0
     for sensor in m.sensor_names:
-        watcher.publish(topics.device_status(cell, sensor), status_payload("online", model=m.model_id), retain=True)
+        watcher.publish(topics.device_status(cell, sensor), status_payload("online", model=m.model_id, rate=rate),
+                        retain=True)
+    time.sleep(0.3)
+    now_event = round(time.time() * rate)
     scores = np.zeros(m.num_classes, np.float32)
-    bad = encode_slot_frame(SCORES, model=m.model_id, event=5, tensor=scores, codec=m.codecs["scores"],
+    bad = encode_slot_frame(SCORES, model=m.model_id, event=now_event, tensor=scores, codec=m.codecs["scores"],
                             vote=m.num_classes + 3)
     watcher.publish(topics.scores(cell, "cam0"), bad)
     assert wait_until(lambda: any(e["rule"] == "vote" for e in errors), timeout=10), errors
@@ -82,11 +86,11 @@ def test_cache_threshold_changes_by_command_and_bad_input_is_refused(broker, bun
     logits = np.zeros(m.num_classes, np.float32)
     for sensor in m.sensor_names[:3]:
         watcher.publish(topics.scores(cell, sensor),
-                        encode_slot_frame(SCORES, model=m.model_id, event=9, tensor=logits,
+                        encode_slot_frame(SCORES, model=m.model_id, event=now_event + 2, tensor=logits,
                                           codec=m.codecs["scores"], vote=1))
     assert wait_until(lambda: len(results) >= 1, timeout=10)
     time.sleep(0.5)
-    assert [(r.exit, r.label) for r in results] == [("cache", 1)]
+    assert [(r.event, r.exit, r.label) for r in results] == [(now_event + 2, "cache", 1)]
     gateway.stop()
     transport.close()
     watcher.close()

@@ -17,7 +17,6 @@ import secrets
 import shlex
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -32,7 +31,7 @@ import paho.mqtt.client as paho
 import pytest
 import yaml
 
-from fogsplit.broker import free_port
+from fogsplit.broker import free_port, wait_for_port
 from fogsplit.cli import build_parser
 from fogsplit.mqtt import MqttTransport, parse_broker_url, wait_until
 from fogsplit.results import Result
@@ -448,19 +447,6 @@ TLS_OPTIONS = {"cafile", "capath", "certfile", "keyfile", "tls_version", "requir
                "ciphers_tls1.3", "crlfile", "dhparamfile", "use_identity_as_username", "use_subject_as_username"}
 
 
-def _wait_for_port(port: int, proc: subprocess.Popen, log: Path, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"mosquitto exited ({proc.returncode}):\n{log.read_text()}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.02)
-    raise AssertionError(f"mosquitto does not listen on {port} after {timeout}s:\n{log.read_text()}")
-
-
 def _hand_to_broker(root: Path) -> None:
     """Started as root, mosquitto drops to its own user before reading passwd, acl and keys,
     as it does in the container (README.md, "First start"): give it the files."""
@@ -525,7 +511,7 @@ class Mosquitto:
             self.proc = subprocess.Popen([MOSQUITTO, "-c", str(self.conf)], stdout=log, stderr=subprocess.STDOUT)
         for port in self.ports.values():
             if port:
-                _wait_for_port(port, self.proc, self.log)
+                wait_for_port("127.0.0.1", port, process=self.proc, log_file=self.log)
         return self
 
     def stop(self) -> None:

@@ -4,91 +4,141 @@ import pytest
 
 from fogsplit.codecs import CodecSpec
 from fogsplit.errors import FrameError
-from fogsplit.frames import FEATURE, GONE, REQUEST, SCORES, Expect, decode_frame, encode_events_frame, \
-    encode_tensor_frame
+from fogsplit.frames import FEATURE, FORWARD, GONE, REQUEST, SCORES, SLOT_MOD, Expect, decode_frame, \
+    encode_events_frame, encode_forward_frame, encode_slot_frame, frame_tag, unwrap_slot
 
-EXPECT = Expect(model="m1", shapes={SCORES: (3,), FEATURE: (2, 2)},
-                codecs={SCORES: CodecSpec("fp16"), FEATURE: CodecSpec("int8", scale=0.1)})
-
-
-def scores_frame(**overrides) -> dict:
-    body = msgpack.unpackb(encode_tensor_frame(SCORES, event=7, sender="cam0", captured=1.5, model="m1",
-                                               tensor=np.array([0.1, 2.0, -1.0], dtype=np.float32),
-                                               codec=CodecSpec("fp16")))
-    body.update(overrides)
-    return body
+SENSORS = ("cam0", "cam1", "cam2")
+EXPECT = Expect(model="m1", sensors=SENSORS, shapes={SCORES: (3,), FEATURE: (2, 2), FORWARD: (2,)},
+                codecs={SCORES: CodecSpec("fp16"), FEATURE: CodecSpec("int8", scale=0.1),
+                        FORWARD: CodecSpec("fp32")})
+SCORES_X = np.array([0.1, 2.0, -1.0], dtype=np.float32)
 
 
-def test_scores_round_trip():
-    frame = decode_frame(msgpack.packb(scores_frame()), EXPECT)
-    assert (frame.kind, frame.event, frame.sender, frame.captured) == (SCORES, 7, "cam0", 1.5)
-    assert np.allclose(frame.tensor, [0.1, 2.0, -1.0], atol=1e-3)
+def scores_body(event: int = 7) -> list:
+    return msgpack.unpackb(encode_slot_frame(SCORES, model="m1", event=event, tensor=SCORES_X,
+                                             codec=CodecSpec("fp16")))
+
+
+def test_scores_round_trip_carries_the_slot_not_the_event():
+    frame = decode_frame(msgpack.packb(scores_body(event=3 * SLOT_MOD + 7)), "scores", EXPECT)
+    assert (frame.kind, frame.slot, frame.feature) == (SCORES, 7, None)
+    assert np.allclose(frame.tensor, SCORES_X, atol=1e-3)
+
+
+def test_a_scores_frame_is_a_few_bytes():
+    payload = encode_slot_frame(SCORES, model="m1", event=1_700_000_000 * 25, tensor=np.zeros(6),
+                                codec=CodecSpec("int8", scale=0.1))
+    assert len(payload) == 1 + 1 + 3 + 2 + 6   # array, tag, slot, bin header, six int8 scores
+
+
+def test_one_phase_scores_carry_the_feature():
+    feature = np.array([[0.5, -0.5], [1.0, 0.0]], dtype=np.float32)
+    payload = encode_slot_frame(SCORES, model="m1", event=9, tensor=SCORES_X, codec=CodecSpec("fp16"),
+                                feature=feature, feature_codec=EXPECT.codecs[FEATURE])
+    frame = decode_frame(payload, "scores", EXPECT)
+    assert np.allclose(frame.feature, feature, atol=0.051)
 
 
 def test_int8_feature_uses_the_manifest_calibration():
     x = np.array([[0.5, -0.5], [1.0, 0.0]], dtype=np.float32)
-    payload = encode_tensor_frame(FEATURE, event=1, sender="cam1", captured=2.0, model="m1", tensor=x,
-                                  codec=EXPECT.codecs[FEATURE])
-    assert np.allclose(decode_frame(payload, EXPECT).tensor, x, atol=0.051)
+    payload = encode_slot_frame(FEATURE, model="m1", event=1, tensor=x, codec=EXPECT.codecs[FEATURE])
+    assert np.allclose(decode_frame(payload, "feature", EXPECT).tensor, x, atol=0.051)
 
 
-def test_request_round_trip():
-    payload = encode_events_frame(REQUEST, sender="gw0", model="m1", events=[3, 4], devices=("cam0",))
-    frame = decode_frame(payload, EXPECT)
-    assert frame.events == (3, 4) and frame.devices == ("cam0",)
+def test_request_names_devices_by_mask():
+    payload = encode_events_frame(REQUEST, model="m1", events=[3, SLOT_MOD + 4], devices=("cam0", "cam2"),
+                                  sensors=SENSORS)
+    frame = decode_frame(payload, "request", EXPECT)
+    assert frame.events == (3, 4) and frame.devices == ("cam0", "cam2")
 
 
-def refusal(body_or_bytes) -> FrameError:
-    payload = body_or_bytes if isinstance(body_or_bytes, bytes) else msgpack.packb(body_or_bytes)
+def test_gone_shares_the_feature_topic():
+    frame = decode_frame(encode_events_frame(GONE, model="m1", events=[5]), "feature", EXPECT)
+    assert (frame.kind, frame.events) == (GONE, (5,))
+
+
+def test_forward_keeps_the_full_event_and_time():
+    payload = encode_forward_frame(model="m1", event=1 << 40, captured=1.7e9, devices=("cam1",),
+                                   sensors=SENSORS, tensor=np.array([1.0, 2.0]), codec=CodecSpec("fp32"))
+    frame = decode_frame(payload, "forward", EXPECT)
+    assert (frame.event, frame.captured, frame.devices) == (1 << 40, 1.7e9, ("cam1",))
+
+
+@pytest.mark.parametrize("near", [0, 5, SLOT_MOD - 3, 10 * SLOT_MOD + 2, 10 * SLOT_MOD - 2, 42_500_000_000])
+@pytest.mark.parametrize("offset", [-3000, -1, 0, 1, 3000])
+def test_unwrap_slot_restores_events_near_the_expected_one(near, offset):
+    event = near + offset
+    if event < 0:
+        return
+    assert unwrap_slot(event % SLOT_MOD, near) == event
+
+
+def test_tag_changes_with_the_model():
+    tags = {frame_tag(f"model{i}") for i in range(50)}
+    assert len(tags) > 30 and all(0 <= t < 128 for t in tags)
+
+
+def refusal(payload, leaf: str = "scores") -> FrameError:
+    payload = payload if isinstance(payload, bytes) else msgpack.packb(payload)
     with pytest.raises(FrameError) as err:
-        decode_frame(payload, EXPECT, topic="t")
-    assert err.value.topic == "t"
+        decode_frame(payload, leaf, EXPECT, topic="t", device="cam0")
+    assert err.value.topic == "t" and err.value.device == "cam0"
     return err.value
 
 
 @pytest.mark.parametrize("payload,rule", [
     (b"\xc1garbage", "msgpack"),
-    (msgpack.packb([1, 2, 3]), "msgpack"),
+    (msgpack.packb({"v": 1, "k": "s"}), "layout"),
+    (msgpack.packb([]), "layout"),
     (b"\x00" * ((1 << 20) + 1), "size"),
 ])
 def test_undecodable_payloads(payload, rule):
     assert refusal(payload).rule == rule
 
 
-@pytest.mark.parametrize("overrides,rule", [
-    ({"v": 2}, "version"),
-    ({"k": "z"}, "kind"),
-    ({"d": "cam/0"}, "sender"),
-    ({"d": 5}, "sender"),
-    ({"m": "other"}, "model"),
-    ({"e": -1}, "event"),
-    ({"e": "7"}, "event"),
-    ({"t": float("nan")}, "time"),
-    ({"c": "rot13"}, "codec"),
-    ({"c": "fp32"}, "codec"),
-    ({"s": [4]}, "shape"),
-    ({"s": [3, -1]}, "shape"),
-    ({"s": "3"}, "shape"),
-    ({"b": "text"}, "payload"),
-    ({"b": b"\x00" * 5}, "payload"),
-    ({"b": np.array([1, np.nan, 2], dtype="<f2").tobytes()}, "finite"),
-    ({"x": 1}, "keys"),
-    ({"p": ["ok", "bad/one"]}, "devices"),
+def _with(index: int, value) -> list:
+    body = scores_body()
+    if index >= len(body):
+        body.append(value)
+    else:
+        body[index] = value
+    return body
+
+
+@pytest.mark.parametrize("body,rule", [
+    (_with(0, frame_tag("m1") ^ 1), "model"),
+    (_with(0, "m1"), "model"),
+    (_with(1, -1), "event"),
+    (_with(1, SLOT_MOD), "event"),
+    (_with(1, "7"), "event"),
+    (_with(1, True), "event"),
+    (_with(2, "text"), "payload"),
+    (_with(2, b"\x00" * 5), "payload"),
+    (_with(2, np.array([1, np.nan, 2], dtype="<f2").tobytes()), "finite"),
+    (_with(3, b"\x00"), "payload"),          # a one-phase feature of the wrong length
+    (scores_body() + [b"", b""], "layout"),
+    (scores_body()[:2], "layout"),
 ])
-def test_each_broken_rule_is_named(overrides, rule):
-    err = refusal(scores_frame(**overrides))
-    assert err.rule == rule
-    if rule not in ("sender",):
-        assert err.device == "cam0"
+def test_each_broken_rule_is_named(body, rule):
+    assert refusal(body).rule == rule
 
 
-def test_refusal_carries_device_and_event():
-    err = refusal(scores_frame(m="old-model"))
+def test_refusal_carries_the_slot_as_event():
+    err = refusal(_with(0, frame_tag("old-model")))
     assert (err.device, err.event, err.rule) == ("cam0", 7, "model")
     assert err.as_report()["rule"] == "model"
 
 
-def test_request_without_events_is_refused():
-    body = msgpack.unpackb(encode_events_frame(GONE, sender="cam0", model="m1", events=[1]))
-    body["e"] = []
-    assert refusal(body).rule == "event"
+@pytest.mark.parametrize("body,leaf,rule", [
+    ([frame_tag("m1"), [], 1], "request", "event"),
+    ([frame_tag("m1"), [1], 0], "request", "devices"),
+    ([frame_tag("m1"), [1], 1 << 3], "request", "devices"),
+    ([frame_tag("m1"), [1], "cam0"], "request", "devices"),
+    ([frame_tag("m1"), [SLOT_MOD]], "feature", "event"),
+    ([frame_tag("m1"), 1, float("nan"), 1, b"\x00" * 8], "forward", "time"),
+    ([frame_tag("m1"), -1, 1.0, 1, b"\x00" * 8], "forward", "event"),
+    ([frame_tag("m1"), 1, 1.0, 1, b"\x00" * 8], "status", "kind"),
+    ([frame_tag("m1"), 1, b"\x00" * 3], "raw", "kind"),   # this tier takes no raw frames
+])
+def test_other_kinds_refuse_broken_fields(body, leaf, rule):
+    assert refusal(body, leaf).rule == rule

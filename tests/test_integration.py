@@ -2,20 +2,19 @@
 from __future__ import annotations
 
 import json
-import threading
 import time
 
 import msgpack
 import numpy as np
 import pytest
 
-from fogsplit.codecs import CodecSpec
 from fogsplit.demo import stream_test_set, summarize
-from fogsplit.frames import SCORES, encode_tensor_frame
+from fogsplit.frames import SCORES, encode_slot_frame
 from fogsplit.gateway.gateway import Gateway, GatewaySettings
 from fogsplit.manifest import load_bundle
 from fogsplit.mqtt import MqttTransport, wait_until
 from fogsplit.results import Result
+from fogsplit.service import status_payload
 from fogsplit.topics import Topics
 
 pytestmark = pytest.mark.slow
@@ -74,33 +73,45 @@ def test_bad_frames_are_refused_on_the_error_topic_and_serving_goes_on(broker, b
     watcher.connect()
     gateway.start()
     time.sleep(0.3)
-    good = dict(sender="cam0", captured=time.time(), model=m.model_id, codec=m.codecs["scores"])
+    rate = 20.0
+    for sensor in m.sensor_names:
+        watcher.publish(topics.device_status(cell, sensor),
+                        status_payload("online", model=m.model_id, rate=rate), retain=True)
+    time.sleep(0.3)
+    now_event = round(time.time() * rate)
+    good = dict(model=m.model_id, codec=m.codecs["scores"])
     scores = np.zeros(m.num_classes, np.float32)
-    body = msgpack.unpackb(encode_tensor_frame(SCORES, event=1, tensor=scores, **good))
+    body = msgpack.unpackb(encode_slot_frame(SCORES, event=1, tensor=scores, **good))
     bad = {
         "msgpack": b"\x93not msgpack at all",
         # just over fogsplit's cap; a broker's own packet limit may be lower, so only where it passes
         **({"size": b"\x00" * ((1 << 20) + 16)} if "mosquitto" in request.node.name else {}),
-        "shape": encode_tensor_frame(SCORES, event=2, tensor=np.zeros(m.num_classes + 1, np.float32), **good),
-        "codec": encode_tensor_frame(SCORES, event=3, tensor=scores, **{**good, "codec": CodecSpec("fp32")}),
-        "finite": msgpack.packb({**body, "e": 4, "b": np.full(m.num_classes, np.nan, "<f2").tobytes()}),
-        "model": encode_tensor_frame(SCORES, event=5, tensor=scores, **{**good, "model": "another-model"}),
-        "device": encode_tensor_frame(SCORES, event=6, tensor=scores, **{**good, "sender": "cam99"}),
+        "layout": msgpack.packb({"v": 1, "k": "s", "e": 2}),
+        "payload": msgpack.packb([body[0], 3, b"\x00"]),   # NaN and the like: tests/test_frames.py
+        "event": msgpack.packb([body[0], -4, body[2]]),
+        "model": encode_slot_frame(SCORES, event=5, tensor=scores, **{**good, "model": "another-model"}),
+        "device": encode_slot_frame(SCORES, event=6, tensor=scores, **good),
     }
     for rule, payload in bad.items():
         device = "cam99" if rule == "device" else "cam0"
         watcher.publish(topics.scores(cell, device), payload)
-    assert wait_until(lambda: len(errors) >= len(bad), timeout=10), errors
-    assert sorted(e["rule"] for e in errors) == sorted(bad)
+    # A device that came online with another model: its status is refused, then its frames.
+    watcher.publish(topics.device_status(cell, "cam1"), status_payload("online", model="older", rate=rate))
+    watcher.publish(topics.scores(cell, "cam1"), encode_slot_frame(SCORES, event=7, tensor=scores, **good))
+    want = sorted([*bad, "model", "model"])
+    assert wait_until(lambda: len(errors) >= len(want), timeout=10), errors
+    assert sorted(e["rule"] for e in errors) == want
     assert all(e["detail"] and e["by"] == f"{cell}/gw0" for e in errors)
+    watcher.publish(topics.device_status(cell, "cam1"), status_payload("online", model=m.model_id, rate=rate))
+    time.sleep(0.3)
     # Serving goes on: a well-formed event from every device is answered once.
     logits = np.array([8.0] + [0.0] * (m.num_classes - 1), np.float32)
     for sensor in m.sensor_names:
-        watcher.publish(topics.scores(cell, sensor),
-                        encode_tensor_frame(SCORES, event=42, tensor=logits, **{**good, "sender": sensor}))
+        watcher.publish(topics.scores(cell, sensor), encode_slot_frame(SCORES, event=now_event, tensor=logits, **good))
     assert wait_until(lambda: len(results) >= 1, timeout=10)
     time.sleep(0.3)
-    assert [r.event for r in results] == [42] and results[0].label == 0
+    assert [r.event for r in results] == [now_event] and results[0].label == 0
+    assert abs(results[0].captured - now_event / rate) < 1e-6
     gateway.stop()
     gw_transport.close()
     watcher.close()
