@@ -28,10 +28,15 @@ def bundle(bundle_dir):
     return load_bundle(bundle_dir)
 
 
-def test_repeated_scenes_are_answered_from_cache_once_per_event(broker, bundle):
+def test_repeated_scenes_are_answered_from_cache_once_per_event(mosquitto, bundle):
+    """Mosquitto only: on the rumqttd fixture the cell's subscribers to the result topic starve
+    (features arrive late, results never reach the gateway's cache): see docs/cache.md."""
+    broker = mosquitto
     stream = redundant_images(90, seed=11, redundancy=0.95)
+    # No local exits (the small model's local exit takes nearly everything): every event consults the cache.
+    settings = GatewaySettings(cache=CACHE, local_threshold=0.0)
     outcome = stream_test_set(broker, bundle, stream.data, rate=20, fleet=f"cache{time.monotonic_ns() % 10**6}",
-                              gateway_settings=GatewaySettings(cache=CACHE), device_cache=CACHE)
+                              gateway_settings=settings, device_cache=CACHE)
     report = summarize(outcome)
     assert report["lost"] == 0 and report["duplicates"] == 0
     assert all(len(results) == 1 for results in outcome.results.values())
@@ -40,6 +45,7 @@ def test_repeated_scenes_are_answered_from_cache_once_per_event(broker, bundle):
     assert all(r.model == bundle.manifest.model_id and 0 < r.confidence <= 1 for r in cached)
     stats = outcome.gateway["cache"]
     assert stats["device_hits"] + stats["gateway_hits"] == len(cached)
+    assert stats["device_hits"] > 0      # the devices' votes, not only the gateway's own cache
     assert stats["filled"] > 0 and stats["nbytes"] <= CACHE.max_bytes
     assert outcome.gateway["exits"]["cache"] == len(cached)
 
