@@ -92,7 +92,8 @@ def compute_figures(off: dict, on: dict, manifest, frames: int) -> dict:
             "cloud_runs_saved_fraction": round(saved["cloud"] / max(1, runs["off"]["cloud"]), 4)}
 
 
-def run_pair(url: str, bundle, stream, *, rate: float, cache: CacheSettings, wan_ms: float, fleet: str) -> dict:
+def run_pair(url: str, bundle, stream, *, rate: float, cache: CacheSettings, wan_ms: float, fleet: str,
+             local_threshold: float | None = None) -> dict:
     """The same stream with the caches off, then on; everything else the same."""
     link = (lambda t: DelayedLink(t, wan_ms / 1000.0)) if wan_ms > 0 else None
     test = stream.data
@@ -101,7 +102,9 @@ def run_pair(url: str, bundle, stream, *, rate: float, cache: CacheSettings, wan
     for name, settings in (("off", None), ("on", cache)):
         log.info("streaming %d frames, cache %s, wan %.0f ms", frames, name, wan_ms)
         outcomes[name] = stream_test_set(url, bundle, test, rate=rate, fleet=f"{fleet}-{name}",
-                                         gateway_settings=GatewaySettings(cache=settings), device_cache=settings,
+                                         gateway_settings=GatewaySettings(cache=settings,
+                                                                          local_threshold=local_threshold),
+                                         device_cache=settings,
                                          cloud_link=link)
     off, on = summarize(outcomes["off"]), summarize(outcomes["on"])
     return {
@@ -223,6 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rate", type=float, default=25.0, help="frames per second (default 25)")
     p.add_argument("--wan-ms", type=float, nargs="+", default=[0.0],
                    help="one-way delay on the cloud hop, ms; one pair of runs per value (default 0)")
+    p.add_argument("--local-threshold", type=float, default=None,
+                   help="local exit threshold for both runs (default: the bundle's calibrated one)")
     p.add_argument("--entries", type=int, default=4096, help="cache bound in entries (default 4096)")
     p.add_argument("--cache-bytes", type=int, default=32 << 20, help="cache bound in bytes (default 32 MiB)")
     p.add_argument("--sweep-redundancy", type=float, nargs="*", default=[0.0, 0.5, 0.8, 0.95])
@@ -255,18 +260,19 @@ def main(argv: list[str] | None = None) -> int:
         cache = CacheSettings(max_entries=args.entries, max_bytes=args.cache_bytes, ann_above=max(args.entries, 4096))
         try:
             main_stream = redundant_images(args.frames, seed=args.seed + 100, redundancy=args.redundancy)
-            runs = [run_pair(url, bundle, main_stream, rate=args.rate, cache=cache, wan_ms=wan,
-                             fleet=f"{fleet}-w{int(wan)}") for wan in args.wan_ms]
+            common = dict(rate=args.rate, local_threshold=args.local_threshold)
+            runs = [run_pair(url, bundle, main_stream, cache=cache, wan_ms=wan, fleet=f"{fleet}-w{int(wan)}", **common)
+                    for wan in args.wan_ms]
             sweep = {"redundancy": [], "entries": []}
             for r in args.sweep_redundancy:
                 pair = run_pair(url, bundle, redundant_images(args.sweep_frames, seed=args.seed + 200, redundancy=r),
-                                rate=args.rate, cache=cache, wan_ms=args.wan_ms[0], fleet=f"{fleet}-r{int(r * 100)}")
+                                cache=cache, wan_ms=args.wan_ms[0], fleet=f"{fleet}-r{int(r * 100)}", **common)
                 sweep["redundancy"].append(_sweep_row(pair, redundancy=r))
             for entries in args.sweep_entries:
                 small = CacheSettings(max_entries=entries, max_bytes=args.cache_bytes, ann_above=max(entries, 4096))
                 pair = run_pair(url, bundle, redundant_images(args.sweep_frames, seed=args.seed + 300,
                                                               redundancy=args.redundancy),
-                                rate=args.rate, cache=small, wan_ms=args.wan_ms[0], fleet=f"{fleet}-e{entries}")
+                                cache=small, wan_ms=args.wan_ms[0], fleet=f"{fleet}-e{entries}", **common)
                 sweep["entries"].append(_sweep_row(pair, entries=entries))
         finally:
             if embedded:
@@ -275,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
         gateway_dim = int(np.prod(m.tier_shard("gateway").inputs["fused"][1:]))
         report = {
             "model": m.model_id, "broker": "embedded" if embedded else url, "rate": args.rate,
+            "thresholds": {**m.thresholds, **({"local": args.local_threshold} if args.local_threshold is not None else {})},
             "redundancy": args.redundancy, "cache_settings": cache.to_dict(),
             "calibration": m.cache.to_dict() if m.cache else None,
             **{k: runs[0][k] for k in ("hit_rate", "accuracy_off", "accuracy_on", "latency_ms")},
@@ -330,7 +337,8 @@ def format_table(r: dict) -> str:
     def lat(v):
         return "-" if v is None else f"{v['p50']:.1f}/{v['p99']:.1f}"
 
-    lines = [f"fogsplit bench cache: model {r['model']}, broker {r['broker']}, {r['rate']:.0f} frames/s",
+    lines = [f"fogsplit bench cache: model {r['model']}, broker {r['broker']}, {r['rate']:.0f} frames/s, "
+             f"exit thresholds {r['thresholds']}",
              "  wan_ms frames scenes  hit_rate  acc_off  acc_on  hit p50/p99 ms  miss p50/p99 ms  ratio  "
              "bytes/ev off->on  gateway runs saved  cloud runs saved"]
     for run, check in zip(r["runs"], r["done_when"]):

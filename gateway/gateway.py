@@ -114,8 +114,6 @@ class Gateway(Service):
             opened.features[device] = frame.feature
         if self.cache is not None and opened is not None and opened.stage == "scores":
             opened.votes[device] = frame.vote
-            if self._answer_from_device_votes(opened, len(self.assembler.expected())):
-                return
         if ev is not None:
             self.decide_local(ev)
 

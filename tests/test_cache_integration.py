@@ -88,7 +88,8 @@ def test_cache_threshold_changes_by_command_and_bad_input_is_refused(broker, bun
     watcher.publish(topics.scores(cell, "cam0"), bad)
     assert wait_until(lambda: any(e["rule"] == "vote" for e in errors), timeout=10), errors
     assert next(e for e in errors if e["rule"] == "vote")["device"] == "cam0"
-    # Serving goes on: three agreeing votes of six devices answer an event from cache at once.
+    # Serving goes on: three agreeing votes of six devices answer an event from cache (at its deadline,
+    # the other three never report).
     logits = np.zeros(m.num_classes, np.float32)
     for sensor in m.sensor_names[:3]:
         watcher.publish(topics.scores(cell, sensor),
