@@ -60,7 +60,8 @@ def test_cache_threshold_changes_by_command_and_bad_input_is_refused(broker, bun
     cell = "c3"
     m = bundle.manifest
     transport = MqttTransport(broker, "gw-cache-cmd")
-    gateway = Gateway(transport, topics, bundle, cell=cell, settings=GatewaySettings(deadline_ms=100, cache=CACHE))
+    gateway = Gateway(transport, topics, bundle, cell=cell,
+                      settings=GatewaySettings(deadline_ms=100, cache=CACHE, local_threshold=0.0))
     errors, results = [], []
     watcher = MqttTransport(broker, "watch-cache-cmd")
     watcher.subscribe(topics.error, lambda msg: errors.append(json.loads(msg.payload)))
