@@ -11,12 +11,15 @@ import numpy as np
 
 from fogsplit.frames import FEATURE, GONE, RAW, SCORES, decode_frame, encode_events_frame, encode_slot_frame, \
     unwrap_slot
+from fogsplit.cache import CacheSettings
 from fogsplit.manifest import Bundle, expect_frames, raw_codec
 from fogsplit.mqtt import Message, Transport
+from fogsplit.results import parse_result
 from fogsplit.runner import ShardRunner
 from fogsplit.service import Service, status_payload
 from fogsplit.topics import Topics
 
+from fogsplit.device.caching import DeviceCache
 from fogsplit.device.sources import Capture, Source
 
 POLICIES = ("request", "eager", "raw")
@@ -61,7 +64,7 @@ class FeatureStore:
 class DeviceAgent(Service):
     def __init__(self, transport: Transport, topics: Topics, bundle: Bundle, *, cell: str, device: str,
                  source: Source, policy: str = "request", feature_ttl_s: float = 10.0,
-                 keep_features: int = 1024, threads: int = 1) -> None:
+                 keep_features: int = 1024, threads: int = 1, cache: CacheSettings | None = None) -> None:
         super().__init__(transport, topics, f"{cell}/{device}")
         if policy not in POLICIES:
             raise ValueError(f"policy {policy!r} is not one of {POLICIES}")
@@ -75,7 +78,11 @@ class DeviceAgent(Service):
         self.store = FeatureStore(feature_ttl_s, keep_features)
         self.expect = expect_frames(self.manifest)
         self.captured = 0
+        self.cache = DeviceCache(self.manifest, cache) if cache is not None and cache.enabled and policy != "raw" \
+            else None
         self.route(topics.request(cell), self.on_request)
+        if self.cache is not None:
+            self.route(topics.result(cell), self.on_result)
         self.spawn("capture", self._capture_loop)
 
     def start(self) -> "DeviceAgent":
@@ -101,11 +108,21 @@ class DeviceAgent(Service):
             return
         scores, feature = run_device_shard(self.runner, capture.sample)
         eager = self.policy == "eager"
+        vote = self.cache.vote(feature, time.monotonic()) if self.cache is not None else None
         frame = encode_slot_frame(SCORES, model=model, event=event, tensor=scores, codec=self.codecs["scores"],
-                                  feature=feature if eager else None, feature_codec=self.codecs["feature"])
+                                  feature=feature if eager else None, feature_codec=self.codecs["feature"],
+                                  vote=vote)
         self.transport.publish(self.topics.scores(self.cell, self.device), frame, qos=0, events=[event])
         if not eager:
             self.store.put(event, feature, time.monotonic())
+
+    def on_result(self, msg: Message) -> None:
+        """The cell's answer to an event whose feature is still held here: teach the cache."""
+        result = parse_result(msg.payload, msg.topic)
+        now = time.monotonic()
+        held = self.store.get(result.event, now)
+        if held is not None:
+            self.cache.learn(held, result.label, result.exit, result.model, now)
 
     def on_request(self, msg: Message) -> None:
         frame = decode_frame(msg.payload, "request", self.expect, topic=msg.topic)

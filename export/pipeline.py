@@ -16,8 +16,9 @@ from fogsplit.frames import FEATURE, REQUEST, SCORES, SLOT_MOD, encode_events_fr
 from fogsplit.mqtt import ALIAS_PROPERTY_BYTES, publish_packet_size
 from fogsplit.topics import Topics
 from fogsplit.dataset import Dataset
-from fogsplit.manifest import Manifest, SensorSpec, write_manifest
+from fogsplit.manifest import CacheSpec, Manifest, SensorSpec, write_manifest
 
+from fogsplit.export.cache_calibrate import calibrate_cache_threshold, calibrate_cell_threshold
 from fogsplit.export.calibrate import calibrate_thresholds, simulate_cascade
 from fogsplit.export.model import DDNN, ModelSpec, fuse_features
 from fogsplit.export.prune import DDNN_LAYERS, Compression, PruneUnit, bn_l1_penalty, prune_to_target
@@ -44,6 +45,9 @@ class ExportOptions:
     forward_codec: str = "int8"
     feature_bytes: int | None = None   # prune the split layer until a device's feature fits this
     max_accuracy_drop: float = 0.005
+    cache_k: int = 4
+    cache_quorum: float = 0.5
+    cache_max_accuracy_loss: float = 0.01
     val_fraction: float = 0.15
     progress: bool = True
     target_flops: float | None = None    # prune to cut this fraction of the FLOPs (0.8: 80% fewer)
@@ -67,6 +71,12 @@ class ExportOptions:
             raise ValueError(f"feature_bytes must be 1..{1 << 20}, got {self.feature_bytes}")
         if not 0 <= self.max_accuracy_drop <= 1:
             raise ValueError("max_accuracy_drop must be in [0, 1]")
+        if not 1 <= self.cache_k <= 64:
+            raise ValueError(f"cache_k must be 1..64, got {self.cache_k}")
+        if not 0 < self.cache_quorum <= 1:
+            raise ValueError(f"cache_quorum must be in (0, 1], got {self.cache_quorum}")
+        if not 0 <= self.cache_max_accuracy_loss <= 1:
+            raise ValueError("cache_max_accuracy_loss must be in [0, 1]")
         if not 0.05 <= self.val_fraction <= 0.5:
             raise ValueError("val_fraction must be in [0.05, 0.5]")
         for name in ("target_flops", "target_params"):
@@ -150,6 +160,11 @@ def export_bundle(data: Dataset, out_dir: str | Path, options: ExportOptions | N
     log.info("exit thresholds local=%.3f edge=%.3f: validation accuracy %.4f, exits %s",
              point.local, point.edge, point.accuracy, {k: round(v, 3) for k, v in point.exit_fraction.items()})
 
+    cache = calibrate_cache(model, val, val_logits, options)
+    log.info("cache thresholds gateway=%.3f device=%.3f: held-out hit rate %.2f/%.2f, hit accuracy %.4f/%.4f",
+             cache.gateway.threshold, cache.device.threshold, cache.gateway.hit_rate, cache.device.hit_rate,
+             cache.gateway.hit_accuracy, cache.device.hit_accuracy)
+
     shards = [write_shard(plan, out) for plan in shard_plans(model, val)]
     seconds["export"] = time.perf_counter() - t1
     manifest = Manifest(
@@ -158,7 +173,7 @@ def export_bundle(data: Dataset, out_dir: str | Path, options: ExportOptions | N
                                  dtype="uint8" if data.sensors[s].dtype == np.uint8 else "float32")
                       for s in data.sensor_names),
         shards=tuple(shards), local_fusion=spec.local_fusion, edge_fusion=spec.edge_fusion,
-        thresholds={"local": point.local, "edge": point.edge}, codecs=codecs, dataset=data.name,
+        thresholds={"local": point.local, "edge": point.edge}, codecs=codecs, dataset=data.name, cache=cache,
         metrics=test_metrics(model, data.test(), point.local, point.edge) | {
             "validation_accuracy": point.accuracy, "validation_exit_fraction": point.exit_fraction,
             "train_seconds": round(seconds["train"], 2)}
@@ -230,6 +245,33 @@ def shard_plans(model: DDNN, val: Dataset, batch: int = 64) -> list[ShardPlan]:
     plans.append(ShardPlan("gateway", "gateway", model.gateway, {"fused": fused}, ("logits", "edge_feature")))
     plans.append(ShardPlan("cloud", "cloud", model.cloud, {"edge_feature": edge_feature}, ("logits",)))
     return plans
+
+
+def split_features(model: DDNN, data: Dataset) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What crosses each split for ``data``: device features ``[K, N, ...]``, the fused gateway
+    input ``[N, ...]`` and the edge feature ``[N, ...]``."""
+    x = as_tensor(data)
+    with torch.no_grad():
+        feats = torch.stack([model.devices[s](x[:, k])[1] for k, s in enumerate(model.spec.sensors)])
+        present = torch.ones(x.shape[0], len(model.spec.sensors), dtype=torch.bool)
+        fused = fuse_features(feats.transpose(0, 1), present, model.spec.edge_fusion)
+        edge = model.gateway(fused)[1]
+    return feats, fused, edge
+
+
+def calibrate_cache(model: DDNN, val: Dataset, val_logits: dict[str, np.ndarray],
+                    options: ExportOptions) -> CacheSpec:
+    """Cache thresholds for the gateway (fused feature) and the devices (own feature), on held-out
+    data, for the cache's answers to lose at most ``cache_max_accuracy_loss`` against the model's."""
+    feats, fused, _ = split_features(model, val)
+    answers = val_logits["cloud"].argmax(1)
+    common = dict(classes=model.spec.num_classes, k=options.cache_k, min_agreement=1.0,
+                  max_accuracy_loss=options.cache_max_accuracy_loss)
+    return CacheSpec(k=options.cache_k, min_agreement=1.0, quorum=options.cache_quorum,
+                     max_accuracy_loss=options.cache_max_accuracy_loss,
+                     gateway=calibrate_cache_threshold(fused.numpy(), answers, val.y, **common),
+                     device=calibrate_cell_threshold(list(feats.numpy()), answers, val.y,
+                                                     quorum=options.cache_quorum, **common))
 
 
 def calibrate_codecs(model: DDNN, data: Dataset, options: ExportOptions, limit: int = 512) -> dict[str, CodecSpec]:

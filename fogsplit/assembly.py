@@ -23,6 +23,7 @@ class Event:
     waiting_for: frozenset[str] = frozenset()
     features: dict[str, np.ndarray] = field(default_factory=dict)
     local_logits: np.ndarray | None = None
+    votes: dict[str, int | None] = field(default_factory=dict)   # each device's cache vote, if it has a cache
 
     @property
     def devices(self) -> list[str]:

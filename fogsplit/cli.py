@@ -88,6 +88,25 @@ def _cell_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cell", type=_name, default="cell0", help="cell of co-located devices (default cell0)")
 
 
+def _cache_flags(p: argparse.ArgumentParser, entries: int, max_bytes: int) -> None:
+    p.add_argument("--cache", action="store_true", help="answer repeated scenes from a semantic cache (docs/cache.md)")
+    p.add_argument("--cache-entries", type=int, default=entries, help=f"cache bound in entries (default {entries})")
+    p.add_argument("--cache-bytes", type=int, default=max_bytes, help=f"cache bound in bytes (default {max_bytes})")
+    p.add_argument("--cache-ttl", type=float, default=600.0, help="seconds an entry lives (default 600)")
+    p.add_argument("--cache-threshold", type=float, default=None,
+                   help="distance threshold in [0, 2] (default: the bundle's calibrated one)")
+
+
+def _cache_settings(args):
+    """The cache flags as CacheSettings (validated there), or None without --cache."""
+    from fogsplit.cache import CacheSettings
+    if not args.cache:
+        return None
+    given = {"max_entries": args.cache_entries, "max_bytes": args.cache_bytes, "ttl_s": args.cache_ttl,
+             "threshold": args.cache_threshold}
+    return CacheSettings.from_dict({k: v for k, v in given.items() if v is not None}, "cache flags")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fogsplit", description=__doc__.split("\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -155,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policy", choices=["request", "eager", "raw"], default="request",
                    help="request: features on demand (default); eager: with the scores; raw: raw samples")
     p.add_argument("--threads", type=_positive(int), default=1)
+    _cache_flags(p, entries=256, max_bytes=1 << 20)
 
     p = sub.add_parser("gateway", help="run the gateway (fog node) of one cell")
     p.add_argument("--bundle", type=Path, required=True)
@@ -169,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--edge-threshold", type=_unit_interval, default=None,
                    help="normalized-entropy exit threshold of the edge exit (default: the bundle's)")
     p.add_argument("--threads", type=_positive(int), default=1)
+    _cache_flags(p, entries=4096, max_bytes=64 << 20)
 
     p = sub.add_parser("cloud", help="run a cloud worker (shares the forward topics with other workers)")
     p.add_argument("--bundle", type=Path, required=True)
@@ -275,7 +296,7 @@ def cmd_device(args) -> int:
     transport = MqttTransport(args.broker, f"{args.fleet}-{args.cell}-{args.device}",
                               will=(topics.device_status(args.cell, args.device), status_payload("offline")))
     agent = DeviceAgent(transport, topics, bundle, cell=args.cell, device=args.device, source=source,
-                        policy=args.policy, threads=args.threads)
+                        policy=args.policy, threads=args.threads, cache=_cache_settings(args))
     transport.connect()
     agent.start()
     _run_until_done(agent, source)
@@ -305,7 +326,8 @@ def cmd_gateway(args) -> int:
     topics = Topics(args.fleet)
     settings = GatewaySettings(deadline_ms=args.deadline_ms, feature_deadline_ms=args.feature_deadline_ms,
                                stats_period_s=args.stats_period, threads=args.threads,
-                               local_threshold=args.local_threshold, edge_threshold=args.edge_threshold)
+                               local_threshold=args.local_threshold, edge_threshold=args.edge_threshold,
+                               cache=_cache_settings(args))
     bundle = load_bundle(args.bundle, shards=["gateway"])
     transport = MqttTransport(args.broker, f"{args.fleet}-{args.cell}-{args.name}",
                               will=(topics.gateway_status(args.cell, args.name), status_payload("offline")))

@@ -6,7 +6,7 @@ import logging
 import math
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
@@ -54,15 +54,19 @@ class Outcome:
     results: dict[int, list[tuple[Result, float]]]
     bytes_by_event: dict[int, float]
     bytes_by_leaf: dict[str, int] = field(default_factory=dict)
+    gateway: dict = field(default_factory=dict)   # the gateway's last stats snapshot
 
 
 def stream_test_set(url: str, bundle: Bundle, test: Dataset, *, policy: str = "request",
                     fleet: str = "demo", cell: str = "cell0", rate: float = 25.0,
-                    missing: tuple[str, ...] = (), gateway_settings=None, settle_s: float = 5.0) -> Outcome:
+                    missing: tuple[str, ...] = (), gateway_settings=None, settle_s: float = 5.0,
+                    device_cache=None, cloud_link=None) -> Outcome:
     """Start a cloud worker, a gateway and one agent per sensor, replay ``test`` through them.
 
     ``policy`` is the devices' (``request``, ``eager``, or ``raw`` for the cloud-only baseline);
-    devices in ``missing`` are never started, as if dead.
+    devices in ``missing`` are never started, as if dead. ``device_cache`` (CacheSettings) gives
+    every device its own semantic cache; ``cloud_link`` wraps the cloud worker's transport (the
+    cache benchmark emulates a WAN with it).
     """
     from fogsplit.cloud.worker import CloudWorker, RawOffload
     from fogsplit.device.agent import DeviceAgent
@@ -85,9 +89,11 @@ def stream_test_set(url: str, bundle: Bundle, test: Dataset, *, policy: str = "r
     if policy == "raw":
         services.append(RawOffload(connect("raw"), topics, bundle))
     else:
-        services.append(CloudWorker(connect("cloud0", topics.cloud_status("cloud0")), topics, bundle))
-        services.append(Gateway(connect("gw0", topics.gateway_status(cell, "gw0")), topics, bundle, cell=cell,
-                                settings=gateway_settings))
+        cloud_transport = connect("cloud0", topics.cloud_status("cloud0"))
+        services.append(CloudWorker(cloud_link(cloud_transport) if cloud_link else cloud_transport, topics, bundle))
+        gateway = Gateway(connect("gw0", topics.gateway_status(cell, "gw0")), topics, bundle, cell=cell,
+                          settings=gateway_settings)
+        services.append(gateway)
     start_slot = math.ceil((time.time() + 1.5) * rate)
     n = len(test)
     sources = []
@@ -97,7 +103,7 @@ def stream_test_set(url: str, bundle: Bundle, test: Dataset, *, policy: str = "r
         source = ReplaySource(test.sensors[sensor], rate=rate, start_slot=start_slot, count=n)
         sources.append(source)
         services.append(DeviceAgent(connect(sensor, topics.device_status(cell, sensor)), topics, bundle,
-                                    cell=cell, device=sensor, source=source, policy=policy))
+                                    cell=cell, device=sensor, source=source, policy=policy, cache=device_cache))
     if missing:
         for sensor in missing:
             collector.transport.publish(topics.device_status(cell, sensor), status_payload("offline"), retain=True)
@@ -110,6 +116,7 @@ def stream_test_set(url: str, bundle: Bundle, test: Dataset, *, policy: str = "r
         wanted = set(events)
         wait_until(lambda: collector.count(wanted) == n, timeout=n / rate + 1.5 + settle_s + 30, interval=0.05)
         time.sleep(0.3)  # a duplicate would arrive now
+        gateway_stats = asdict(gateway.snapshot()) if policy != "raw" else {}
     finally:
         for service in services:
             service.stop()
@@ -117,7 +124,8 @@ def stream_test_set(url: str, bundle: Bundle, test: Dataset, *, policy: str = "r
             t.close()
         collector.close()
     by_event, by_leaf = meter.snapshot()
-    return Outcome(events=events, results=dict(collector.results), bytes_by_event=by_event, bytes_by_leaf=by_leaf)
+    return Outcome(events=events, results=dict(collector.results), bytes_by_event=by_event, bytes_by_leaf=by_leaf,
+                   gateway=gateway_stats)
 
 
 def percentiles(values: list[float]) -> dict[str, float] | None:
@@ -243,12 +251,11 @@ def format_report(r: dict) -> str:
     lines = [
         f"fogsplit demo: data {r['data']}, model {r['model']}, broker {r['broker']}",
         f"  events {r['events']}  results {r['results']}  lost {r['lost']}  duplicates {r['duplicates']}",
-        f"  accuracy     overall {pct(a['overall'])}  local {pct(a['local'])}  edge {pct(a['edge'])}  "
-        f"cloud {pct(a['cloud'])}",
-        f"  exits        local {pct(x['local'])}  edge {pct(x['edge'])}  cloud {pct(x['cloud'])}",
+        f"  accuracy     overall {pct(a['overall'])}  " + "  ".join(f"{t} {pct(a[t])}" for t in EXIT_TIERS),
+        "  exits        " + "  ".join(f"{t} {pct(x[t])}" for t in EXIT_TIERS),
         f"  bytes/event  {r['bytes_per_event']:.0f}  raw offload {r['raw_bytes_per_event']:.0f}  "
         f"reduction {r['reduction']}x",
-        f"  latency ms   p50/p95/p99  local {lat('local')}  edge {lat('edge')}  cloud {lat('cloud')}",
+        "  latency ms   p50/p95/p99  " + "  ".join(f"{t} {lat(t)}" for t in EXIT_TIERS),
         f"  best single device {pct(r['single_device_accuracy'])}  cloud-only on raw data "
         f"{pct(r['cloud_only_accuracy'])}",
         f"  time         training {r['seconds']['train']}s, total {r['seconds']['total']}s",

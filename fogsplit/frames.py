@@ -8,7 +8,9 @@ path the frame is most of the packet (DESIGN.md's self-describing map cost about
 kind        topic leaf                 msgpack array
 ==========  =========================  ==============================================
 scores      ``device/{d}/scores``      ``[tag, slot, scores]`` or, one-phase,
-                                       ``[tag, slot, scores, feature]``
+                                       ``[tag, slot, scores, feature]``; either may end
+                                       with ``vote``, the label the device's own
+                                       cache answers (docs/cache.md)
 feature     ``device/{d}/feature``     ``[tag, slot, feature]``
 gone        ``device/{d}/feature``     ``[tag, [slot, ...]]``: features no longer held
 raw         ``device/{d}/raw``         ``[tag, slot, sample]``
@@ -86,8 +88,8 @@ def mask_to_devices(mask: int, sensors: tuple[str, ...]) -> tuple[str, ...]:
 class Frame:
     """A decoded frame. ``slot`` is set for scores, feature and raw frames (the receiver
     unwraps it), ``event`` and ``captured`` for forwards; ``tensor`` for tensor frames
-    (``feature`` too for one-phase scores); ``events`` (slots) for requests and gone notices;
-    ``devices`` for requests and forwards."""
+    (``feature`` too for one-phase scores); ``vote`` for scores whose device's cache hit;
+    ``events`` (slots) for requests and gone notices; ``devices`` for requests and forwards."""
 
     kind: str
     slot: int = 0
@@ -95,6 +97,7 @@ class Frame:
     captured: float = 0.0
     tensor: np.ndarray | None = None
     feature: np.ndarray | None = None
+    vote: int | None = None
     events: tuple[int, ...] = ()
     devices: tuple[str, ...] = ()
 
@@ -118,13 +121,19 @@ def _pack(body: list) -> bytes:
 
 
 def encode_slot_frame(kind: str, *, model: str, event: int, tensor: np.ndarray, codec: CodecSpec,
-                      feature: np.ndarray | None = None, feature_codec: CodecSpec | None = None) -> bytes:
-    """A device's scores (with its feature, one-phase), feature or raw sample for one event."""
+                      feature: np.ndarray | None = None, feature_codec: CodecSpec | None = None,
+                      vote: int | None = None) -> bytes:
+    """A device's scores (with its feature, one-phase; with its cache's vote on a hit), feature
+    or raw sample for one event."""
     body = [frame_tag(model), to_slot(event), encode_tensor(tensor, codec)]
     if feature is not None:
         if kind != SCORES or feature_codec is None:
             raise ValueError("only a scores frame carries a feature, and it needs the feature codec")
         body.append(encode_tensor(feature, feature_codec))
+    if vote is not None:
+        if kind != SCORES:
+            raise ValueError("only a scores frame carries a cache vote")
+        body.append(int(vote))
     return _pack(body)
 
 
@@ -193,13 +202,24 @@ def _check(body: object, leaf: str, expect: Expect) -> Frame:
             raise FrameError("time", f"capture time {captured!r} is not a finite non-negative number")
         return Frame(kind=FORWARD, event=event, captured=captured, devices=_check_mask(mask, expect.sensors),
                      tensor=_check_tensor(payload, FORWARD, expect))
-    _need_len(body, (3, 4) if kind == SCORES else (3,), kind)
+    _need_len(body, (3, 4, 5) if kind == SCORES else (3,), kind)
     slot = body[1]
     if not isinstance(slot, int) or isinstance(slot, bool) or not 0 <= slot < SLOT_MOD:
         raise FrameError("event", f"event slot {slot!r} is not an integer in 0..{SLOT_MOD - 1}")
     tensor = _check_tensor(body[2], kind, expect)
-    feature = _check_tensor(body[3], FEATURE, expect) if len(body) == 4 else None
-    return Frame(kind=kind, slot=slot, tensor=tensor, feature=feature)
+    extra = body[3:]
+    vote = _check_vote(extra.pop(), expect) if extra and not isinstance(extra[-1], bytes) else None
+    if len(extra) > 1:
+        raise FrameError("layout", "a scores frame carries at most a feature and a cache vote after the scores")
+    feature = _check_tensor(extra[0], FEATURE, expect) if extra else None
+    return Frame(kind=kind, slot=slot, tensor=tensor, feature=feature, vote=vote)
+
+
+def _check_vote(vote: object, expect: Expect) -> int:
+    classes = expect.shapes[SCORES][0]
+    if not isinstance(vote, int) or isinstance(vote, bool) or not 0 <= vote < classes:
+        raise FrameError("vote", f"cache vote {vote!r} is not a class index 0..{classes - 1}")
+    return vote
 
 
 def _need_len(body: list, lengths: tuple[int, ...], kind: str) -> None:

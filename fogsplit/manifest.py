@@ -45,6 +45,33 @@ class ShardSpec:
 
 
 @dataclass(frozen=True)
+class CachePoint:
+    """A calibrated cache threshold and what it gave on held-out data (leave-one-out)."""
+
+    threshold: float          # L2 distance between unit-norm keys, in [0, 2]
+    hit_rate: float           # share of held-out events the cache answered
+    hit_accuracy: float       # accuracy of those answers
+    model_accuracy: float     # the model's accuracy on the same events
+    queries: int
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """The semantic cache's calibration: one threshold per key space (fused gateway feature,
+    a device's own feature), the neighbours it votes over and the agreement it needs."""
+
+    k: int
+    min_agreement: float
+    quorum: float             # share of an event's devices whose own caches must hit, all agreeing
+    max_accuracy_loss: float
+    gateway: CachePoint
+    device: CachePoint
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
 class Manifest:
     model_id: str
     classes: tuple[str, ...]
@@ -58,6 +85,7 @@ class Manifest:
     metrics: dict = field(default_factory=dict)
     compression: dict = field(default_factory=dict)   # empty, or what pruning cut (see COMPRESSION_KEYS)
     schema: int = SCHEMA_VERSION
+    cache: CacheSpec | None = None
 
     @property
     def num_classes(self) -> int:
@@ -102,6 +130,8 @@ class Manifest:
     def to_dict(self) -> dict:
         out = asdict(self)
         out["codecs"] = {k: v.to_dict() for k, v in self.codecs.items()}
+        if self.cache is None:
+            out.pop("cache")
         return out
 
 
@@ -112,6 +142,7 @@ def compute_model_id(manifest: Manifest) -> str:
     body.pop("metrics")
     body.pop("thresholds")  # run-time settings; the same weights stay the same model
     body.pop("compression")  # a report on the shards, whose sha256 is already in the body
+    body.pop("cache", None)
     digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
     return digest[:12]
 
@@ -155,8 +186,13 @@ def parse_manifest(data: dict, source: str = MANIFEST) -> Manifest:
                         for s in data["sensors"])
         shards = tuple(ShardSpec(**need(s, ShardSpec, "a shard")) for s in data["shards"])
         codecs = {k: CodecSpec.from_dict(v) for k, v in data["codecs"].items()}
+        cache = None
+        if "cache" in data:
+            body = need(data["cache"], CacheSpec, "cache")
+            cache = CacheSpec(**{**body, **{key: CachePoint(**need(body[key], CachePoint, f"cache.{key}"))
+                                            for key in ("gateway", "device")}})
         manifest = Manifest(**{**data, "classes": tuple(data["classes"]), "sensors": sensors,
-                               "shards": shards, "codecs": codecs})
+                               "shards": shards, "codecs": codecs, "cache": cache})
     except (TypeError, ValueError, KeyError) as exc:
         raise BundleError(f"{source}: {exc}") from exc
     _check_consistency(manifest, source)
@@ -183,6 +219,8 @@ def _check_consistency(m: Manifest, source: str) -> None:
         t = m.thresholds.get(tier)
         if not isinstance(t, (int, float)) or not 0.0 <= t <= 1.0:
             raise BundleError(f"{source}: exit threshold {tier!r} must be a number in [0, 1], got {t!r}")
+    if m.cache is not None:
+        _check_cache(m.cache, source)
     for stream in ("scores", "feature", "forward"):
         if stream not in m.codecs:
             raise BundleError(f"{source}: no codec for {stream!r}")
@@ -212,6 +250,25 @@ def _check_compression(m: Manifest, source: str) -> None:
     for key, value in fractions:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
             raise BundleError(f"{source}: compression {key} must be a fraction in [0, 1), got {value!r}")
+
+
+def _check_cache(cache: CacheSpec, source: str) -> None:
+    def number(value: object) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+    if not isinstance(cache.k, int) or isinstance(cache.k, bool) or not 1 <= cache.k <= 64:
+        raise BundleError(f"{source}: cache.k must be an integer 1..64, got {cache.k!r}")
+    if not number(cache.min_agreement) or not 0.5 < cache.min_agreement <= 1:
+        raise BundleError(f"{source}: cache.min_agreement must be in (0.5, 1], got {cache.min_agreement!r}")
+    if not number(cache.quorum) or not 0 < cache.quorum <= 1:
+        raise BundleError(f"{source}: cache.quorum must be in (0, 1], got {cache.quorum!r}")
+    if not number(cache.max_accuracy_loss) or not 0 <= cache.max_accuracy_loss <= 1:
+        raise BundleError(f"{source}: cache.max_accuracy_loss must be in [0, 1], got {cache.max_accuracy_loss!r}")
+    for key in ("gateway", "device"):
+        point = getattr(cache, key)
+        if not number(point.threshold) or not 0 <= point.threshold <= 2:
+            raise BundleError(f"{source}: cache.{key}.threshold must be a distance in [0, 2], "
+                              f"got {point.threshold!r}")
 
 
 @dataclass(frozen=True)

@@ -7,9 +7,10 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from fogsplit.errors import FrameError
 from fogsplit.exits import softmax
 
-EXIT_TIERS = ("local", "edge", "cloud")
+EXIT_TIERS = ("local", "edge", "cloud", "cache")  # cache: answered from a semantic cache (docs/cache.md)
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,18 @@ class Result:
         body = json.loads(payload)
         body["cls"] = body.pop("class")
         return cls(**body)
+
+
+def parse_result(payload: bytes, topic: str | None = None) -> Result:
+    """A result read off a result topic; a malformed one raises :class:`FrameError`."""
+    try:
+        result = Result.from_json(payload)
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise FrameError("result", f"not a result JSON object ({type(exc).__name__}: {exc})", topic=topic) from None
+    if not isinstance(result.event, int) or not isinstance(result.label, int) or not isinstance(result.exit, str) \
+            or not isinstance(result.model, str):
+        raise FrameError("result", "result fields event, label, exit, model have the wrong types", topic=topic)
+    return result
 
 
 def make_result(logits: np.ndarray, *, event: int, exit: str, classes: tuple[str, ...] | list[str],

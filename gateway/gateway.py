@@ -8,16 +8,19 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from fogsplit.assembly import Assembler, Event
+from fogsplit.cache import CacheSettings
 from fogsplit.errors import FrameError
 from fogsplit.frames import GONE, REQUEST, to_slot, encode_events_frame, encode_forward_frame
+from fogsplit.fusion import fuse
 from fogsplit.manifest import Bundle, expect_frames
 from fogsplit.mqtt import Message, Transport
-from fogsplit.results import make_result
+from fogsplit.results import EXIT_TIERS, make_result, parse_result
 from fogsplit.roster import Roster, decode_device_frame, parse_status
 from fogsplit.runner import ShardRunner
 from fogsplit.service import Service, status_payload
 from fogsplit.topics import Topics, device_of
 
+from fogsplit.gateway.caching import GatewayCache, vote_logits
 from fogsplit.gateway.stages import edge_stage, local_stage
 
 
@@ -30,7 +33,11 @@ class GatewaySettings:
     local_threshold: float | None = None   # None: the bundle's calibrated exit thresholds
     edge_threshold: float | None = None
 
+    cache: CacheSettings | None = None       # None: no semantic cache
+
     def __post_init__(self) -> None:
+        if self.cache is not None and not isinstance(self.cache, CacheSettings):
+            raise ValueError(f"cache must be CacheSettings or None, got {type(self.cache).__name__}")
         for name in ("local_threshold", "edge_threshold"):
             value = getattr(self, name)
             if value is not None and not 0 <= value <= 1:
@@ -51,13 +58,15 @@ class GatewayStats:
     model: str
     uptime_s: float = 0.0
     events: int = 0
-    exits: dict[str, int] = field(default_factory=lambda: {"local": 0, "edge": 0, "cloud": 0})
+    exits: dict[str, int] = field(default_factory=lambda: dict.fromkeys(EXIT_TIERS, 0))
     degraded: int = 0
     requests: int = 0
     refused: int = 0
     open_events: int = 0
     online_devices: list[str] = field(default_factory=list)
     bytes_out: int = 0
+    shard_runs: int = 0
+    cache: dict = field(default_factory=dict)
 
 
 class Gateway(Service):
@@ -78,6 +87,10 @@ class Gateway(Service):
         self.assembler = Assembler(self.sensors, self.settings.deadline_ms / 1000.0)
         self.stats = GatewayStats(gateway=gateway, cell=cell, model=m.model_id)
         self.started = time.monotonic()
+        cache = self.settings.cache
+        self.cache = GatewayCache(m, cache) if cache is not None and cache.enabled else None
+        if self.cache is not None:
+            self.route(topics.result(cell), self.on_result)
         self.route(topics.scores(cell, "+"), self.on_scores)
         self.route(topics.feature(cell, "+"), self.on_feature)
         self.route(topics.device_status(cell, "+"), self.on_device_status)
@@ -96,8 +109,11 @@ class Gateway(Service):
         got = decode_device_frame(msg.payload, msg.topic, self.expect, self.roster)
         frame, device, event = got.frame, got.device, got.event
         ev = self.assembler.add(event, device, frame.tensor, got.captured, time.monotonic())
-        if frame.feature is not None and event in self.assembler.open:
-            self.assembler.open[event].features[device] = frame.feature
+        opened = self.assembler.open.get(event)
+        if frame.feature is not None and opened is not None:
+            opened.features[device] = frame.feature
+        if self.cache is not None and opened is not None and opened.stage == "scores":
+            opened.votes[device] = frame.vote
         if ev is not None:
             self.decide_local(ev)
 
@@ -144,14 +160,24 @@ class Gateway(Service):
             body = None
         if setting != "thresholds" or not isinstance(body, dict):
             raise FrameError("cmd", f"unknown command {setting!r} or body not a JSON object; "
-                                    "known: thresholds {\"local\": x, \"edge\": y}", topic=msg.topic)
-        unknown = set(body) - {"local", "edge"}
-        bad = [k for k, v in body.items() if not isinstance(v, (int, float)) or not 0 <= v <= 1]
+                                    "known: thresholds {\"local\": x, \"edge\": y, \"cache\": z}", topic=msg.topic)
+        bounds = {"local": 1.0, "edge": 1.0, **({"cache": 2.0} if self.cache is not None else {})}
+        unknown = set(body) - set(bounds)
+        bad = [k for k, v in body.items() if k in bounds and (
+            not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 <= v <= bounds[k])]
         if unknown or bad:
-            raise FrameError("cmd", f"thresholds: unknown keys {sorted(unknown)} or values not in [0, 1] "
-                                    f"for {bad}", topic=msg.topic)
+            raise FrameError("cmd", f"thresholds: unknown keys {sorted(unknown)} (known {sorted(bounds)}) or values "
+                                    f"out of bounds {bounds} for {bad}", topic=msg.topic)
+        if "cache" in body:
+            self.cache.cache.set_threshold(float(body.pop("cache")))
         self.thresholds.update({k: float(v) for k, v in body.items()})
-        self.log.info("%s: exit thresholds now %s", self.name, self.thresholds)
+        self.log.info("%s: exit thresholds now %s, cache threshold %s", self.name, self.thresholds,
+                      self.cache.cache.threshold if self.cache is not None else None)
+
+    def on_result(self, msg: Message) -> None:
+        """The cell's results (the cloud's among them): fill the cache with answers to held forwards."""
+        result = parse_result(msg.payload, msg.topic)
+        self.cache.on_result(result.event, result.label, result.exit, result.model, time.monotonic())
 
     # -- timers ---------------------------------------------------------------------------
     def next_timer(self) -> float | None:
@@ -171,6 +197,8 @@ class Gateway(Service):
         ev.local_logits = decision.logits
         if decision.exits:
             self.answer(ev, decision.logits, "local")
+            return
+        if self.cache is not None and self._answer_from_device_votes(ev, len(ev.parts)):
             return
         missing = frozenset(ev.parts) - set(ev.features)
         ev.stage = "features"
@@ -196,17 +224,38 @@ class Gateway(Service):
             self.stats.degraded += 1
             self.answer(ev, ev.local_logits, "local", degraded=True)
             return
-        decision, edge_feature = edge_stage(self.runner, features, self.sensors, self.manifest.edge_fusion,
-                                            self.thresholds["edge"])
+        fused = fuse(features, self.sensors, self.manifest.edge_fusion)
+        now = time.monotonic()
+        if self.cache is not None:
+            vote = self.cache.lookup(fused, now)
+            if vote.hit:
+                self.answer(ev, vote_logits(vote.label, float(vote.distribution[vote.label]), self.manifest.num_classes),
+                            "cache", devices=sorted(features))
+                return
+        decision, edge_feature = edge_stage(self.runner, fused, self.thresholds["edge"])
+        self.stats.shard_runs += 1
         if decision.exits:
+            if self.cache is not None:
+                self.cache.learn(fused, int(np.argmax(decision.logits)), "edge", self.manifest.model_id, now)
             self.answer(ev, decision.logits, "edge", devices=sorted(features))
             return
+        if self.cache is not None:
+            self.cache.hold(ev.event, fused, now)
         frame = encode_forward_frame(model=self.manifest.model_id, event=ev.event, captured=ev.captured,
                                      devices=tuple(sorted(features)), sensors=self.expect.sensors,
                                      tensor=edge_feature, codec=self.manifest.codecs["forward"])
         self.transport.publish(self.topics.forward(self.cell), frame, events=[ev.event])
         self.stats.exits["cloud"] += 1
         self.assembler.finish(ev.event)
+
+    def _answer_from_device_votes(self, ev: Event, expected: int) -> bool:
+        """Answer ``ev`` from the devices' caches if a quorum of ``expected`` devices agree."""
+        label = self.cache.devices_agree(ev.votes, expected)
+        if label is None:
+            return False
+        share = sum(v == label for v in ev.votes.values()) / max(expected, 1)
+        self.answer(ev, vote_logits(label, share, self.manifest.num_classes), "cache")
+        return True
 
     def answer(self, ev: Event, logits: np.ndarray, tier: str, *, devices: list[str] | None = None,
                degraded: bool = False) -> None:
@@ -225,6 +274,7 @@ class Gateway(Service):
         s.open_events = len(self.assembler.open)
         s.online_devices = sorted(self.assembler.expected())
         s.bytes_out = sum(self.transport.meter.snapshot()[1].values()) if hasattr(self.transport, "meter") else 0
+        s.cache = self.cache.snapshot() if self.cache is not None else {}
         return GatewayStats(**asdict(s))
 
     def publish_stats(self) -> None:

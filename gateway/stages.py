@@ -22,13 +22,11 @@ def local_stage(scores: dict[str, np.ndarray], sensors: list[str], fusion: str, 
     return Decision(logits, entropy_exit(logits, threshold))
 
 
-def edge_stage(runner: ShardRunner, features: dict[str, np.ndarray], sensors: list[str], fusion: str,
-               threshold: float) -> tuple[Decision, np.ndarray]:
-    """Fuse the devices' features, run the gateway shard, exit if confident.
+def edge_stage(runner: ShardRunner, fused: np.ndarray, threshold: float) -> tuple[Decision, np.ndarray]:
+    """Run the gateway shard on the fused features, exit if confident.
 
     Returns the decision and the feature the cloud needs if the gateway does not answer.
     """
-    fused = fuse(features, sensors, fusion)
     out = runner.run(fused=fused[None])
     logits = out["logits"][0]
     return Decision(logits, entropy_exit(logits, threshold)), out["edge_feature"][0]

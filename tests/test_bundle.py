@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from fogsplit.errors import BundleError
+from fogsplit.export.pipeline import ExportOptions
 from fogsplit.manifest import MANIFEST, load_bundle
 from fogsplit.runner import ShardRunner
 
@@ -31,7 +32,7 @@ def test_exported_bundle_is_complete(bundle_dir, small_data):
     assert m.sensor_names == small_data.sensor_names and m.classes == small_data.classes
     assert {s.tier for s in m.shards} == {"device", "gateway", "cloud"}
     assert all(s.params > 0 and s.flops > 0 for s in m.shards)
-    assert 0 <= m.thresholds["local"] <= 1 and m.codecs["feature"].name == "int8"
+    assert 0 <= m.thresholds["local"] <= 1 and m.codecs["feature"].name == ExportOptions().feature_codec
     runner = ShardRunner(bundle.shard_path(m.device_shard("cam0")))
     out = runner.run(x=small_data.sensors["cam0"][:4].astype(np.float32))
     assert out["scores"].shape == (4, m.num_classes) and out["feature"].shape[1:] == m.feature_shape

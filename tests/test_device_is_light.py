@@ -12,7 +12,7 @@ from fogsplit.dataset import save_npz
 from fogsplit.mqtt import MqttTransport, wait_until
 from fogsplit.topics import Topics
 
-HEAVY = ("torch", "onnx", "tqdm", "matplotlib", "iotcore")
+HEAVY = ("torch", "onnx", "tqdm", "matplotlib", "iotcore", "hnswlib", "faiss", "usearch")
 
 # Runs the real `fogsplit device` command in a fresh interpreter in which importing any heavy
 # package fails, then prints what was loaded.
@@ -42,7 +42,7 @@ def test_device_command_runs_without_torch_or_onnx(embedded, bundle_dir, small_d
     watcher.connect()
     proc = subprocess.run([sys.executable, "-c", PROGRAM, "device", "--bundle", str(bundle_dir), "--device", "cam1",
                            "--broker", embedded, "--fleet", "light", "--data", str(data), "--rate", "20",
-                           "--count", "5"], capture_output=True, text=True, timeout=60)
+                           "--count", "5", "--cache"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert "LOADED" in proc.stdout and "onnxruntime" in proc.stdout
     assert wait_until(lambda: seen.count("offline") == 1, timeout=5)
@@ -51,7 +51,8 @@ def test_device_command_runs_without_torch_or_onnx(embedded, bundle_dir, small_d
 
 
 def test_device_modules_import_nothing_heavy():
-    code = ("import sys; import fogsplit.device.agent, fogsplit.device.sources, fogsplit.cli, fogsplit.manifest; "
+    code = ("import sys; import fogsplit.device.agent, fogsplit.device.caching, fogsplit.device.sources, fogsplit.cli, "
+            "fogsplit.manifest, fogsplit.cache; "
             f"print([m for m in sys.modules if m.split('.')[0] in {HEAVY!r}])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
