@@ -41,7 +41,7 @@ class ExportOptions:
     local_fusion: str = "max"
     edge_fusion: str = "concat"
     scores_codec: str = "int8"
-    feature_codec: str = "sign"
+    feature_codec: str = "int8"
     forward_codec: str = "int8"
     feature_bytes: int | None = None   # prune the split layer until a device's feature fits this
     max_accuracy_drop: float = 0.005

@@ -151,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--edge-fusion", choices=["max", "mean", "concat"], default=None)
     p.add_argument("--local-fusion", choices=["max", "mean"], default=None)
     p.add_argument("--feature-codec", choices=["fp32", "fp16", "int8", "sign"], default=None,
-                   help="how device features travel (default sign: a binarized trunk, 1 bit per value)")
+                   help="how device features travel (default int8; sign: a binarized trunk, 1 bit a value)")
     p.add_argument("--scores-codec", choices=["fp32", "fp16", "int8"], default=None,
                    help="how device exit scores travel (default int8)")
     p.add_argument("--feature-bytes", type=_positive(int), default=None,

@@ -21,7 +21,7 @@ def test_bench_comm_writes_every_figure(tmp_path, capsys):
             "best", "operating_point"} <= set(r)
     assert [(s["name"], s["threshold"]) for s in r["settings"]] == [("fogsplit-pruned", 0.3), ("fogsplit-pruned", 0.9)]
     for s in r["settings"]:
-        assert set(s["exit_fraction"]) == {"local", "edge", "cloud"}
+        assert {"local", "edge", "cloud"} <= set(s["exit_fraction"])
         assert sum(s["exit_fraction"].values()) == pytest.approx(1.0, abs=1e-3)
         assert 0 < s["bytes_per_event"] < r["raw_offload"]["bytes_per_event"]
         assert s["lost"] == 0 and s["duplicates"] == 0
