@@ -21,7 +21,6 @@ scores) against two-phase (features on request).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
@@ -222,7 +221,7 @@ def _thresholds(text: str) -> tuple[float, ...]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from fogsplit.cli import _broker_url, _positive
+    from fogsplit.cli import _broker_url, _positive, write_json
     parser = argparse.ArgumentParser(prog="fogsplit bench comm", description=__doc__.split("\n")[0])
     parser.add_argument("--data", default="images", help="images, series, or a .npz file (default images)")
     parser.add_argument("--events", type=_positive(int), help="events the built-in generator makes")
@@ -248,10 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     out = run(args)
     print(format_table(out))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(out, indent=2) + "\n")
-        print(f"figures written to {args.json}")
+    write_json(args.json, out, "figures")
     if args.plot:
         args.plot.parent.mkdir(parents=True, exist_ok=True)
         plot(out, args.plot)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import logging
 import tempfile
 import time
@@ -28,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fogsplit.cli import write_json
 from fogsplit.runner import ShardRunner
 
 log = logging.getLogger("fogsplit.bench.prune")
@@ -253,10 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     result = run(args)
     result["seconds"] = round(time.perf_counter() - started, 1)
     print(format_table(result))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"results written to {args.json}")
+    write_json(args.json, result, "results")
     return 0
 
 

@@ -222,6 +222,15 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def write_json(path: Path | None, body: dict, what: str = "report") -> None:
+    """Write a command's figures as JSON (creating the folder) and say where."""
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(body, indent=2) + "\n")
+    print(f"{what} written to {path}")
+
+
 def _wait_for_signal() -> None:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -401,10 +410,7 @@ def cmd_demo(args) -> int:
                       options=_export_options(args), workdir=args.workdir, fleet=args.fleet, cell=args.cell,
                       bundle=args.bundle)
     print(format_report(report))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
-        print(f"report written to {args.json}")
+    write_json(args.json, report)
     return 0
 
 
