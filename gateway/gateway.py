@@ -77,10 +77,8 @@ class Gateway(Service):
         self.manifest = m = bundle.manifest
         self.cell, self.gateway = cell, gateway
         self.sensors = m.sensor_names
-        self.thresholds = dict(m.thresholds)
-        for tier in ("local", "edge"):
-            if getattr(self.settings, f"{tier}_threshold") is not None:
-                self.thresholds[tier] = getattr(self.settings, f"{tier}_threshold")
+        overrides = {"local": self.settings.local_threshold, "edge": self.settings.edge_threshold}
+        self.thresholds = {**m.thresholds, **{k: v for k, v in overrides.items() if v is not None}}
         self.runner = ShardRunner(bundle.shard_path(m.tier_shard("gateway")), threads=self.settings.threads)
         self.expect = expect_frames(m)
         self.roster = Roster(m.model_id)

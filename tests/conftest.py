@@ -1,6 +1,9 @@
 """Fixtures: real brokers on free ports, and a small trained bundle shared by the tests."""
 from __future__ import annotations
 
+import json
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -42,3 +45,47 @@ def bundle_dir(tmp_path_factory, small_data) -> Path:
     out = tmp_path_factory.mktemp("bundle")
     export_bundle(small_data, out, ExportOptions(epochs=8, seed=0, progress=False))
     return out
+
+
+@dataclass
+class LiveGateway:
+    """A running gateway and a watcher that collects its cell's errors and results."""
+
+    gateway: object
+    watcher: object
+    topics: object
+    cell: str
+    errors: list = field(default_factory=list)
+    results: list = field(default_factory=list)
+
+
+@pytest.fixture
+def live_gateway():
+    """Start a gateway on a fresh fleet with a watcher beside it: ``live_gateway(url, bundle, ...)``.
+    Everything started is stopped when the test ends, passed or not."""
+    from fogsplit.gateway.gateway import Gateway
+    from fogsplit.mqtt import MqttTransport
+    from fogsplit.results import Result
+    from fogsplit.topics import Topics
+
+    started = []
+
+    def start(url: str, bundle, *, name: str, cell: str, settings=None) -> LiveGateway:
+        topics = Topics(f"{name}{time.monotonic_ns() % 10**6}")
+        transport = MqttTransport(url, f"gw-{name}")
+        live = LiveGateway(Gateway(transport, topics, bundle, cell=cell, settings=settings),
+                           MqttTransport(url, f"watch-{name}"), topics, cell)
+        live.watcher.subscribe(topics.error, lambda msg: live.errors.append(json.loads(msg.payload)))
+        live.watcher.subscribe(topics.result(cell), lambda msg: live.results.append(Result.from_json(msg.payload)))
+        transport.connect()
+        live.watcher.connect()
+        live.gateway.start()
+        started.append((live, transport))
+        time.sleep(0.3)
+        return live
+
+    yield start
+    for live, transport in started:
+        live.gateway.stop()
+        transport.close()
+        live.watcher.close()

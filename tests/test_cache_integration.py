@@ -10,11 +10,9 @@ import pytest
 from fogsplit.cache import CacheSettings
 from fogsplit.demo import stream_test_set, summarize
 from fogsplit.export.streams import redundant_images
-from fogsplit.gateway.gateway import Gateway, GatewaySettings
+from fogsplit.gateway.gateway import GatewaySettings
 from fogsplit.manifest import load_bundle
-from fogsplit.mqtt import MqttTransport, wait_until
-from fogsplit.results import Result
-from fogsplit.topics import Topics
+from fogsplit.mqtt import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -50,26 +48,17 @@ def test_repeated_scenes_are_answered_from_cache_once_per_event(mosquitto, bundl
     assert outcome.gateway["exits"]["cache"] == len(cached)
 
 
-def test_cache_threshold_changes_by_command_and_bad_input_is_refused(broker, bundle):
+def test_cache_threshold_changes_by_command_and_bad_input_is_refused(broker, bundle, live_gateway):
     """A live gateway with a cache: a good command applies, bad commands and a malformed cache
     vote are each reported on the error topic, and an event is still answered afterwards."""
     from fogsplit.frames import SCORES, encode_slot_frame
     from fogsplit.service import status_payload
 
-    topics = Topics(f"cachecmd{time.monotonic_ns() % 10**6}")
-    cell = "c3"
+    live = live_gateway(broker, bundle, name="cachecmd", cell="c3",
+                        settings=GatewaySettings(deadline_ms=100, cache=CACHE, local_threshold=0.0))
+    topics, cell, gateway, watcher = live.topics, live.cell, live.gateway, live.watcher
+    errors, results = live.errors, live.results
     m = bundle.manifest
-    transport = MqttTransport(broker, "gw-cache-cmd")
-    gateway = Gateway(transport, topics, bundle, cell=cell,
-                      settings=GatewaySettings(deadline_ms=100, cache=CACHE, local_threshold=0.0))
-    errors, results = [], []
-    watcher = MqttTransport(broker, "watch-cache-cmd")
-    watcher.subscribe(topics.error, lambda msg: errors.append(json.loads(msg.payload)))
-    watcher.subscribe(topics.result(cell), lambda msg: results.append(Result.from_json(msg.payload)))
-    transport.connect()
-    watcher.connect()
-    gateway.start()
-    time.sleep(0.3)
     watcher.publish(topics.cmd(cell, "thresholds"), json.dumps({"cache": 0.25}).encode())
     assert wait_until(lambda: gateway.cache.cache.threshold == 0.25, timeout=10)
     watcher.publish(topics.cmd(cell, "thresholds"), json.dumps({"cache": 2.5}).encode())
@@ -99,6 +88,3 @@ def test_cache_threshold_changes_by_command_and_bad_input_is_refused(broker, bun
     assert wait_until(lambda: len(results) >= 1, timeout=10)
     time.sleep(0.5)
     assert [(r.event, r.exit, r.label) for r in results] == [(now_event + 2, "cache", 1)]
-    gateway.stop()
-    transport.close()
-    watcher.close()

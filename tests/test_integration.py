@@ -10,12 +10,10 @@ import pytest
 
 from fogsplit.demo import stream_test_set, summarize
 from fogsplit.frames import SCORES, encode_slot_frame
-from fogsplit.gateway.gateway import Gateway, GatewaySettings
+from fogsplit.gateway.gateway import GatewaySettings
 from fogsplit.manifest import load_bundle
-from fogsplit.mqtt import MqttTransport, wait_until
-from fogsplit.results import Result
+from fogsplit.mqtt import wait_until
 from fogsplit.service import status_payload
-from fogsplit.topics import Topics
 
 pytestmark = pytest.mark.slow
 
@@ -58,21 +56,11 @@ def test_raw_offload_answers_from_the_cloud(broker, bundle, test_set):
     assert report["bytes_per_event"] >= 6 * 3 * 32 * 32  # six raw uint8 views at least
 
 
-def test_bad_frames_are_refused_on_the_error_topic_and_serving_goes_on(broker, bundle, request):
+def test_bad_frames_are_refused_on_the_error_topic_and_serving_goes_on(broker, bundle, request, live_gateway):
     """Send each kind of bad frame to a live gateway; each is reported, then a good event still works."""
-    topics = Topics(f"bad{time.monotonic_ns() % 10**6}")
-    cell = "c1"
+    live = live_gateway(broker, bundle, name="bad", cell="c1", settings=GatewaySettings(deadline_ms=100))
+    topics, cell, watcher, errors, results = live.topics, live.cell, live.watcher, live.errors, live.results
     m = bundle.manifest
-    errors, results = [], []
-    gw_transport = MqttTransport(broker, "gw-bad")
-    gateway = Gateway(gw_transport, topics, bundle, cell=cell, settings=GatewaySettings(deadline_ms=100))
-    watcher = MqttTransport(broker, "watch-bad")
-    watcher.subscribe(topics.error, lambda msg: errors.append(json.loads(msg.payload)))
-    watcher.subscribe(topics.result(cell), lambda msg: results.append(Result.from_json(msg.payload)))
-    gw_transport.connect()
-    watcher.connect()
-    gateway.start()
-    time.sleep(0.3)
     rate = 20.0
     for sensor in m.sensor_names:
         watcher.publish(topics.device_status(cell, sensor),
@@ -114,27 +102,13 @@ def test_bad_frames_are_refused_on_the_error_topic_and_serving_goes_on(broker, b
     time.sleep(0.3)
     assert [r.event for r in results] == [now_event] and results[0].label == 0
     assert abs(results[0].captured - now_event / rate) < 1e-6
-    gateway.stop()
-    gw_transport.close()
-    watcher.close()
 
 
-def test_gateway_thresholds_change_by_command(broker, bundle):
-    topics = Topics(f"cmd{time.monotonic_ns() % 10**6}")
-    transport = MqttTransport(broker, "gw-cmd")
-    gateway = Gateway(transport, topics, bundle, cell="c2")
-    errors = []
-    watcher = MqttTransport(broker, "watch-cmd")
-    watcher.subscribe(topics.error, lambda msg: errors.append(json.loads(msg.payload)))
-    transport.connect()
-    watcher.connect()
-    gateway.start()
-    time.sleep(0.3)
+def test_gateway_thresholds_change_by_command(broker, bundle, live_gateway):
+    live = live_gateway(broker, bundle, name="cmd", cell="c2")
+    topics, gateway, watcher, errors = live.topics, live.gateway, live.watcher, live.errors
     watcher.publish(topics.cmd("c2", "thresholds"), json.dumps({"local": 0.05, "edge": 0.5}).encode())
     watcher.publish(topics.cmd("c2", "thresholds"), json.dumps({"local": 7}).encode())
     watcher.publish(topics.cmd("c2", "reboot"), b"{}")
     assert wait_until(lambda: gateway.thresholds == {"local": 0.05, "edge": 0.5} and len(errors) == 2, timeout=10)
     assert {e["rule"] for e in errors} == {"cmd"}
-    gateway.stop()
-    transport.close()
-    watcher.close()
