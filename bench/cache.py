@@ -4,9 +4,19 @@ One run streams the same redundant image stream (export/streams.py) through a re
 twice, with the caches off and on, and reports hit rate, accuracy, latency of hits and misses
 (capture at the device to the result at a subscriber), gateway and cloud shard runs avoided,
 bytes saved; then sweeps redundancy and cache size, and times lookups against cache size for
-exact and ANN search. ``--wan-ms`` adds a one-way delay to every message in and out of the
-cloud worker (a fog node's uplink to a data centre), the same for both runs; each value given
-is a separate pair of runs.
+exact and ANN search.
+
+Each pair of runs is one scenario: where a miss goes and how far away that is.
+
+- ``wan-cloud``: the cloud sits behind a WAN (``--wan-ms`` one way on every message in and out
+  of the cloud worker) and the edge exit is off, so every miss is answered by the cloud: the
+  cache stands in front of remote inference, the setting of CCIED and FoggyCache.
+- ``wan-edge``: the same WAN, with the bundle's edge exit on, so confident misses stop at the
+  gateway shard and only the rest cross the WAN.
+- ``lan-edge``: no WAN delay and the edge exit on: a miss costs a feature round trip and two
+  shard runs on this machine, the least a cache can save.
+
+The top-level figures are the first scenario's; every scenario's are in ``runs``.
 
 A hit is an event answered with exit ``cache``; a miss an event that looked the cache up and
 did not hit, which is every event the local exit did not answer (it went on to the edge or
@@ -30,6 +40,9 @@ from fogsplit.gateway.gateway import GatewaySettings
 
 log = logging.getLogger("fogsplit.bench.cache")
 MISS_EXITS = ("edge", "cloud")
+SCENARIOS = {"wan-cloud": {"wan": True, "edge_exit": False},
+             "wan-edge": {"wan": True, "edge_exit": True},
+             "lan-edge": {"wan": False, "edge_exit": True}}
 
 
 class DelayedLink:
@@ -93,8 +106,10 @@ def compute_figures(off: dict, on: dict, manifest, frames: int) -> dict:
 
 
 def run_pair(url: str, bundle, stream, *, rate: float, cache: CacheSettings, wan_ms: float, fleet: str,
-             local_threshold: float | None = None) -> dict:
-    """The same stream with the caches off, then on; everything else the same."""
+             local_threshold: float | None = None, edge_exit: bool = True) -> dict:
+    """The same stream with the caches off, then on; everything else the same. Without
+    ``edge_exit`` the gateway never answers at the edge exit (threshold 0), so every event the
+    local exit and the cache do not answer goes to the cloud."""
     link = (lambda t: DelayedLink(t, wan_ms / 1000.0)) if wan_ms > 0 else None
     test = stream.data
     frames = len(test)
@@ -102,13 +117,14 @@ def run_pair(url: str, bundle, stream, *, rate: float, cache: CacheSettings, wan
     for name, settings in (("off", None), ("on", cache)):
         log.info("streaming %d frames, cache %s, wan %.0f ms", frames, name, wan_ms)
         outcomes[name] = stream_test_set(url, bundle, test, rate=rate, fleet=f"{fleet}-{name}",
-                                         gateway_settings=GatewaySettings(cache=settings,
-                                                                          local_threshold=local_threshold),
+                                         gateway_settings=GatewaySettings(
+                                             cache=settings, local_threshold=local_threshold,
+                                             edge_threshold=None if edge_exit else 0.0),
                                          device_cache=settings,
                                          cloud_link=link)
     off, on = summarize(outcomes["off"]), summarize(outcomes["on"])
     return {
-        "wan_ms": wan_ms, "frames": frames, "scenes": stream.scenes,
+        "wan_ms": wan_ms, "edge_exit": edge_exit, "frames": frames, "scenes": stream.scenes,
         "repeated_fraction": round(stream.repeated_fraction, 4),
         "accuracy_off": off["accuracy"]["overall"], "accuracy_on": on["accuracy"]["overall"],
         **cache_figures(outcomes["on"], frames),
@@ -213,6 +229,24 @@ def _usearch(base: np.ndarray, dim: int):
 
 # -- the whole benchmark ----------------------------------------------------------------------
 
+def _wan_ms(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of milliseconds") from None
+    if not 0 <= value <= 10_000:
+        raise argparse.ArgumentTypeError(f"the WAN delay must be 0..10000 ms, got {text}")
+    return value
+
+
+def _scenarios(text: str) -> tuple[str, ...]:
+    names = tuple(dict.fromkeys(text.split(",")))
+    unknown = [n for n in names if n not in SCENARIOS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown scenarios {unknown}; known: {', '.join(SCENARIOS)}")
+    return names
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fogsplit bench cache", description=__doc__.split("\n")[0])
     p.add_argument("--bundle", type=Path, help="an exported images bundle (default: train one)")
@@ -224,8 +258,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--redundancy", type=float, default=0.95,
                    help="chance the next frame shows the same scene (default 0.95: scenes of ~20 frames)")
     p.add_argument("--rate", type=float, default=25.0, help="frames per second (default 25)")
-    p.add_argument("--wan-ms", type=float, nargs="+", default=[0.0],
-                   help="one-way delay on the cloud hop, ms; one pair of runs per value (default 0)")
+    p.add_argument("--wan-ms", type=_wan_ms, default=40.0,
+                   help="one-way delay on the cloud hop in the wan-* scenarios, ms (default 40)")
+    p.add_argument("--scenarios", type=_scenarios, default=tuple(SCENARIOS),
+                   help="comma-separated, first is the headline: " + ",".join(SCENARIOS) + " (default all)")
     p.add_argument("--local-threshold", type=float, default=None,
                    help="local exit threshold for both runs (default: the bundle's calibrated one)")
     p.add_argument("--entries", type=int, default=4096, help="cache bound in entries (default 4096)")
@@ -261,18 +297,25 @@ def main(argv: list[str] | None = None) -> int:
         try:
             main_stream = redundant_images(args.frames, seed=args.seed + 100, redundancy=args.redundancy)
             common = dict(rate=args.rate, local_threshold=args.local_threshold)
-            runs = [run_pair(url, bundle, main_stream, cache=cache, wan_ms=wan, fleet=f"{fleet}-w{int(wan)}", **common)
-                    for wan in args.wan_ms]
-            sweep = {"redundancy": [], "entries": []}
+            runs = []
+            for name in args.scenarios:
+                scenario = SCENARIOS[name]
+                pair = run_pair(url, bundle, main_stream, cache=cache, fleet=f"{fleet}-{name}",
+                                wan_ms=args.wan_ms if scenario["wan"] else 0.0, edge_exit=scenario["edge_exit"],
+                                **common)
+                runs.append({"scenario": name, **pair})
+            headline = SCENARIOS[args.scenarios[0]]
+            common.update(wan_ms=args.wan_ms if headline["wan"] else 0.0, edge_exit=headline["edge_exit"])
+            sweep = {"scenario": args.scenarios[0], "redundancy": [], "entries": []}
             for r in args.sweep_redundancy:
                 pair = run_pair(url, bundle, redundant_images(args.sweep_frames, seed=args.seed + 200, redundancy=r),
-                                cache=cache, wan_ms=args.wan_ms[0], fleet=f"{fleet}-r{int(r * 100)}", **common)
+                                cache=cache, fleet=f"{fleet}-r{int(r * 100)}", **common)
                 sweep["redundancy"].append(_sweep_row(pair, redundancy=r))
             for entries in args.sweep_entries:
                 small = CacheSettings(max_entries=entries, max_bytes=args.cache_bytes, ann_above=max(entries, 4096))
                 pair = run_pair(url, bundle, redundant_images(args.sweep_frames, seed=args.seed + 300,
                                                               redundancy=args.redundancy),
-                                cache=small, wan_ms=args.wan_ms[0], fleet=f"{fleet}-e{entries}", **common)
+                                cache=small, fleet=f"{fleet}-e{entries}", **common)
                 sweep["entries"].append(_sweep_row(pair, entries=entries))
         finally:
             if embedded:
@@ -284,6 +327,7 @@ def main(argv: list[str] | None = None) -> int:
             "thresholds": {**m.thresholds, **({"local": args.local_threshold} if args.local_threshold is not None else {})},
             "redundancy": args.redundancy, "cache_settings": cache.to_dict(),
             "calibration": m.cache.to_dict() if m.cache else None,
+            "scenario": runs[0]["scenario"], "wan_ms": runs[0]["wan_ms"],
             **{k: runs[0][k] for k in ("hit_rate", "accuracy_off", "accuracy_on", "latency_ms")},
             "runs": runs, "sweep": sweep,
             "key_dims": {"gateway": gateway_dim, "device": int(np.prod(m.feature_shape))},
@@ -325,7 +369,7 @@ def done_when(runs: list[dict]) -> list[dict]:
     for run in runs:
         hit, miss = run["latency_ms"]["hit"], run["latency_ms"]["miss"]
         ratio = round(hit["p50"] / miss["p50"], 3) if hit and miss else None
-        out.append({"wan_ms": run["wan_ms"],
+        out.append({"scenario": run["scenario"], "wan_ms": run["wan_ms"],
                     "hit_rate_at_least_0.5": run["hit_rate"] >= 0.5,
                     "accuracy_within_1_point": run["accuracy_on"] >= run["accuracy_off"] - 0.01,
                     "hit_p50_over_miss_p50": ratio,
@@ -339,15 +383,16 @@ def format_table(r: dict) -> str:
 
     lines = [f"fogsplit bench cache: model {r['model']}, broker {r['broker']}, {r['rate']:.0f} frames/s, "
              f"exit thresholds {r['thresholds']}",
-             "  wan_ms frames scenes  hit_rate  acc_off  acc_on  hit p50/p99 ms  miss p50/p99 ms  ratio  "
+             "  scenario   wan_ms frames scenes  hit_rate  acc_off  acc_on  hit p50/p99 ms  miss p50/p99 ms  ratio  "
              "bytes/ev off->on  gateway runs saved  cloud runs saved"]
     for run, check in zip(r["runs"], r["done_when"]):
         c = run["compute"]
-        lines.append(f"  {run['wan_ms']:>6.0f} {run['frames']:>6} {run['scenes']:>6}  {run['hit_rate']:>8.3f}  "
+        lines.append(f"  {run['scenario']:<9} {run['wan_ms']:>6.0f} {run['frames']:>6} {run['scenes']:>6}  {run['hit_rate']:>8.3f}  "
                      f"{run['accuracy_off']:>7.3f}  {run['accuracy_on']:>6.3f}  {lat(run['latency_ms']['hit']):>14}  "
                      f"{lat(run['latency_ms']['miss']):>15}  {check['hit_p50_over_miss_p50']!s:>5}  "
                      f"{run['bytes_per_event']['off']:>7.0f}->{run['bytes_per_event']['on']:<7.0f}  "
                      f"{c['gateway_runs_saved_fraction']:>18.3f}  {c['cloud_runs_saved_fraction']:>16.3f}")
+    lines.append(f"  sweeps in scenario {r['sweep']['scenario']}")
     lines.append("  sweep of redundancy (repeated fraction): hit_rate, accuracy off -> on, bytes saved")
     for row in r["sweep"]["redundancy"]:
         lines.append(f"    r={row['redundancy']:<5} ({row['repeated_fraction']:.2f})  {row['hit_rate']:.3f}  "

@@ -108,7 +108,7 @@ class DeviceAgent(Service):
             return
         scores, feature = run_device_shard(self.runner, capture.sample)
         eager = self.policy == "eager"
-        vote = self.cache.vote(feature, time.monotonic()) if self.cache is not None else None
+        vote = self.cache.vote(feature, scores, time.monotonic()) if self.cache is not None else None
         frame = encode_slot_frame(SCORES, model=model, event=event, tensor=scores, codec=self.codecs["scores"],
                                   feature=feature if eager else None, feature_codec=self.codecs["feature"],
                                   vote=vote)

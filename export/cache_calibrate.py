@@ -4,8 +4,12 @@ Leave-one-out: every held-out event is looked up in a cache holding all the othe
 events, keyed by their feature and labelled with the model's own answer (what the cache holds
 at run time: cloud answers and confident edge exits). The threshold is the largest distance at
 which the answers the cache gives stay within ``max_accuracy_loss`` of the model's accuracy on
-the same events, at that threshold and every smaller one. Judging the loss among the cache's
-answers, not over all events, keeps the bound whatever share of a stream turns out to hit.
+the same events, at that threshold and every smaller one. 
+The walk votes over the single nearest neighbour (``k=1``), whatever ``k`` the cache runs
+with: a cache serving a stream is sparse (a handful of scenes, all of one label near any key),
+so the homogeneity check seldom has two labels to compare there. On held-out events, dense
+with neighbours of every class, a larger ``k`` would veto the misleading neighbours and let the
+walk climb to a threshold that, at run time, matches the last scene to the next one.
 """
 from __future__ import annotations
 
@@ -59,19 +63,23 @@ def calibrate_cache_threshold(features: np.ndarray, answers: np.ndarray, y: np.n
     return _largest_safe(decide, distances[:, 0], answers, y, max_accuracy_loss, steps)
 
 
-def calibrate_cell_threshold(device_features: list[np.ndarray], answers: np.ndarray, y: np.ndarray, *,
-                             classes: int, k: int, min_agreement: float, quorum: float,
+def calibrate_cell_threshold(device_features: list[np.ndarray], own_labels: list[np.ndarray], answers: np.ndarray,
+                             y: np.ndarray, *, classes: int, k: int, min_agreement: float, quorum: float,
                              max_accuracy_loss: float, steps: int = 64) -> CachePoint:
     """The largest safe threshold for the devices' own caches (one per device, keyed by that
-    device's feature, one threshold for all), judged on the cell's decision: :func:`cell_vote`."""
+    device's feature, one threshold for all), judged on the cell's decision: :func:`cell_vote`.
+    ``own_labels`` [N] per device is what the device's own exit predicts: a device votes only
+    for a cached label its exit agrees with, as at run time."""
     if len(answers) < 2:
         raise ValueError("calibrating a cache threshold needs at least 2 held-out events")
     neighbours = [leave_one_out_neighbours(unit_rows(f), k) for f in device_features]
     names = [str(d) for d in range(len(device_features))]
 
     def decide(threshold: float) -> tuple[np.ndarray, np.ndarray]:
-        votes = [cache_votes(answers[nearest], distances, threshold, classes, min_agreement)
-                 for nearest, distances in neighbours]
+        votes = []
+        for (nearest, distances), own in zip(neighbours, own_labels):
+            hit, label = cache_votes(answers[nearest], distances, threshold, classes, min_agreement)
+            votes.append((hit & (label == own), label))
         labels = [cell_vote({d: int(label[i]) if hit[i] else None for d, (hit, label) in zip(names, votes)},
                             quorum) for i in range(len(answers))]
         hit = np.array([label is not None for label in labels])

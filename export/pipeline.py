@@ -265,12 +265,13 @@ def calibrate_cache(model: DDNN, val: Dataset, val_logits: dict[str, np.ndarray]
     data, for the cache's answers to lose at most ``cache_max_accuracy_loss`` against the model's."""
     feats, fused, _ = split_features(model, val)
     answers = val_logits["cloud"].argmax(1)
-    common = dict(classes=model.spec.num_classes, k=options.cache_k, min_agreement=1.0,
+    own = list(val_logits["device"].argmax(2).T)
+    common = dict(classes=model.spec.num_classes, k=1, min_agreement=1.0,
                   max_accuracy_loss=options.cache_max_accuracy_loss)
     return CacheSpec(k=options.cache_k, min_agreement=1.0, quorum=options.cache_quorum,
                      max_accuracy_loss=options.cache_max_accuracy_loss,
                      gateway=calibrate_cache_threshold(fused.numpy(), answers, val.y, **common),
-                     device=calibrate_cell_threshold(list(feats.numpy()), answers, val.y,
+                     device=calibrate_cell_threshold(list(feats.numpy()), own, answers, val.y,
                                                      quorum=options.cache_quorum, **common))
 
 

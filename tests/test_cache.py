@@ -263,9 +263,12 @@ def test_cell_calibration_uses_the_quorum_of_devices():
     which = np.repeat(np.arange(40), 3)
     y = which % 4
     devices = [centres[which] + 0.05 * rng.standard_normal((120, 16)) for _ in range(3)]
-    point = calibrate_cell_threshold(devices, y, y, classes=4, k=2, min_agreement=1.0, quorum=0.5,
+    point = calibrate_cell_threshold(devices, [y] * 3, y, y, classes=4, k=2, min_agreement=1.0, quorum=0.5,
                                      max_accuracy_loss=0.01)
     assert point.threshold > 0 and point.hit_rate > 0.9 and point.hit_accuracy == 1.0
+    blind = calibrate_cell_threshold(devices, [(y + 1) % 4] * 3, y, y, classes=4, k=2, min_agreement=1.0,
+                                     quorum=0.5, max_accuracy_loss=0.01)
+    assert blind.hit_rate == 0.0    # no device's own exit agrees with its cache: no vote
 
 
 # -- the manifest's cache section ---------------------------------------------------------------
@@ -349,16 +352,18 @@ def test_gateway_cache_learns_edge_exits_and_held_cloud_answers_and_forgets_on_a
 
 
 @pytest.mark.slow
-def test_device_cache_searches_exactly_and_learns_only_from_edge_and_cloud(bundle_dir):
+def test_device_cache_searches_exactly_learns_from_edge_and_cloud_and_votes_with_its_own_exit(bundle_dir):
     from fogsplit.device.caching import DeviceCache
     manifest = _manifest_with_cache(bundle_dir)
     with pytest.raises(ConfigError, match="searches exactly"):
         DeviceCache(manifest, CacheSettings(max_entries=10_000, ann_above=4096))
     cache = DeviceCache(manifest, CacheSettings(max_entries=64, threshold=0.2))
     feature = np.random.default_rng(1).standard_normal(manifest.feature_shape)
-    assert cache.vote(feature, now=0.0) is None
+    says_3, says_0 = np.eye(manifest.num_classes)[3], np.eye(manifest.num_classes)[0]
+    assert cache.vote(feature, says_3, now=0.0) is None
     assert not cache.learn(feature, 3, "cache", manifest.model_id, now=0.0)
     assert not cache.learn(feature, 99, "cloud", manifest.model_id, now=0.0)
     assert cache.learn(feature, 3, "cloud", manifest.model_id, now=0.0)
-    assert cache.vote(feature, now=1.0) == 3
-    assert cache.use_model("other") and cache.vote(feature, now=2.0) is None
+    assert cache.vote(feature, says_3, now=1.0) == 3
+    assert cache.vote(feature, says_0, now=1.0) is None   # its own view points elsewhere: no vote
+    assert cache.use_model("other") and cache.vote(feature, says_3, now=2.0) is None
