@@ -67,6 +67,9 @@ def test_data_command_writes_the_documented_format(tmp_path):
     (["bench", "comm", "--settings", "best"], "--settings"),
     (["bench", "comm", "--rate", "0"], "--rate"),
     (["bench", "comm", "--broker", "tcp://x"], "--broker"),
+    (["bench", "cache", "--scenarios", "wan-cloud,moon"], "--scenarios"),
+    (["bench", "cache", "--wan-ms", "-5"], "--wan-ms"),
+    (["bench", "cache", "--wan-ms", "far"], "--wan-ms"),
 ])
 def test_bench_flags_are_refused(argv, needle, capsys):
     with pytest.raises(SystemExit) as exit_:
