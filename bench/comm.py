@@ -16,7 +16,9 @@ threshold T of the sweep, and every MQTT PUBLISH packet is counted as it leaves 
 
 Then the cheapest point within 1 point of the cloud-only accuracy with 1..K devices (DDNN's
 Table 4 shape), with each single device missing, and one-phase (features sent with the
-scores) against two-phase (features on request).
+scores) against two-phase (features on request) at ``--phase-threshold``: a threshold low
+enough that some events go past the local exit, since at a point where none do the two
+policies differ only in the features one-phase sends for nothing.
 """
 from __future__ import annotations
 
@@ -140,10 +142,11 @@ def run(args) -> dict:
         out["operating_point"] = {"setting": name, "threshold": local if local is not None else
                                   main.manifest.thresholds["local"]}
         sensors = main.manifest.sensor_names
-        two = measure(url, main, test, rate=args.rate, local=local)
-        one = measure(url, main, test, rate=args.rate, local=local, policy="eager")
-        out["phases"] = {"two_phase": row(f"{name} two-phase", local, two),
-                         "one_phase": row(f"{name} one-phase", local, one)}
+        phase_t = args.phase_threshold
+        two = measure(url, main, test, rate=args.rate, local=phase_t)
+        one = measure(url, main, test, rate=args.rate, local=phase_t, policy="eager")
+        out["phases"] = {"two_phase": row(f"{name} two-phase", phase_t, two),
+                         "one_phase": row(f"{name} one-phase", phase_t, one)}
         out["devices_curve"] = []
         for n in range(1, len(sensors) + 1):
             r = measure(url, main, test, rate=args.rate, local=local, missing=tuple(sensors[n:]))
@@ -176,7 +179,8 @@ def format_table(out: dict) -> str:
     for key in ("two_phase", "one_phase"):
         r = p[key]
         lat = r["latency_ms"]
-        lines.append(f"{r['name']:<26} accuracy {r['accuracy']:.3f}  {r['bytes_per_event']:.1f} bytes/event  "
+        lines.append(f"{r['name']:<26} T={r['threshold']:.2f} accuracy {r['accuracy']:.3f}  "
+                     f"{r['bytes_per_event']:.1f} bytes/event  "
                      f"latency p50 local {_p50(lat['local'])} edge {_p50(lat['edge'])} cloud {_p50(lat['cloud'])} ms")
     op = out["operating_point"]
     lines.append(f"at {op['setting']}, T={op['threshold']}:")
@@ -227,6 +231,13 @@ def _thresholds(text: str) -> tuple[float, ...]:
     return values
 
 
+def _thresholds_one(text: str) -> float:
+    values = _thresholds(text)
+    if len(values) != 1:
+        raise argparse.ArgumentTypeError(f"one threshold, got {text!r}")
+    return values[0]
+
+
 def main(argv: list[str] | None = None) -> int:
     from fogsplit.cli import _broker_url, _positive, write_json
     parser = argparse.ArgumentParser(prog="fogsplit bench comm", description=__doc__.split("\n")[0])
@@ -241,6 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=_positive(float), default=40.0, help="captures per second (default 40)")
     parser.add_argument("--thresholds", type=_thresholds, default=DEFAULT_THRESHOLDS,
                         help="local exit thresholds to sweep, comma-separated")
+    parser.add_argument("--phase-threshold", type=_thresholds_one, default=0.2,
+                        help="local exit threshold at which one- and two-phase are compared (default 0.2)")
     parser.add_argument("--settings", nargs="+", choices=[s.name for s in SETTINGS],
                         help="which settings (default all)")
     parser.add_argument("--broker", type=_broker_url, help="an external broker instead of an embedded one")

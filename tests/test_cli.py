@@ -66,6 +66,7 @@ def test_data_command_writes_the_documented_format(tmp_path):
     (["bench", "comm", "--thresholds", "low"], "--thresholds"),
     (["bench", "comm", "--settings", "best"], "--settings"),
     (["bench", "comm", "--rate", "0"], "--rate"),
+    (["bench", "comm", "--phase-threshold", "0.2,0.4"], "--phase-threshold"),
     (["bench", "comm", "--broker", "tcp://x"], "--broker"),
     (["bench", "cache", "--scenarios", "wan-cloud,moon"], "--scenarios"),
     (["bench", "cache", "--wan-ms", "-5"], "--wan-ms"),
