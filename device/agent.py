@@ -12,6 +12,7 @@ import numpy as np
 from fogsplit.frames import FEATURE, GONE, RAW, SCORES, decode_frame, encode_events_frame, encode_slot_frame, \
     unwrap_slot
 from fogsplit.cache import CacheSettings
+from fogsplit.commands import parse_thresholds
 from fogsplit.manifest import Bundle, expect_frames, raw_codec
 from fogsplit.mqtt import Message, Transport
 from fogsplit.results import parse_result
@@ -83,6 +84,7 @@ class DeviceAgent(Service):
         self.route(topics.request(cell), self.on_request)
         if self.cache is not None:
             self.route(topics.result(cell), self.on_result)
+            self.route(topics.cmd(cell, "thresholds"), self.on_command)
         self.spawn("capture", self._capture_loop)
 
     def start(self) -> "DeviceAgent":
@@ -123,6 +125,14 @@ class DeviceAgent(Service):
         held = self.store.get(result.event, now)
         if held is not None:
             self.cache.learn(held, result.label, result.exit, result.model, now)
+
+    def on_command(self, msg: Message) -> None:
+        """``device_cache`` of a thresholds command sets this device's cache threshold; the
+        other keys are the gateway's."""
+        values = parse_thresholds(msg.payload, msg.topic)
+        if "device_cache" in values:
+            self.cache.cache.set_threshold(values["device_cache"])
+            self.log.info("%s: cache threshold now %s", self.name, self.cache.cache.threshold)
 
     def on_request(self, msg: Message) -> None:
         frame = decode_frame(msg.payload, "request", self.expect, topic=msg.topic)

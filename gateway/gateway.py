@@ -9,6 +9,7 @@ import numpy as np
 
 from fogsplit.assembly import Assembler, Event
 from fogsplit.cache import CacheSettings
+from fogsplit.commands import parse_thresholds
 from fogsplit.errors import FrameError
 from fogsplit.frames import GONE, REQUEST, to_slot, encode_events_frame, encode_forward_frame
 from fogsplit.fusion import fuse
@@ -151,24 +152,14 @@ class Gateway(Service):
                       sorted(self.assembler.expected()))
 
     def on_command(self, msg: Message) -> None:
-        setting = msg.topic.rsplit("/", 1)[-1]
-        try:
-            body = json.loads(msg.payload)
-        except ValueError:
-            body = None
-        if setting != "thresholds" or not isinstance(body, dict):
-            raise FrameError("cmd", f"unknown command {setting!r} or body not a JSON object; "
-                                    "known: thresholds {\"local\": x, \"edge\": y, \"cache\": z}", topic=msg.topic)
-        bounds = {"local": 1.0, "edge": 1.0, **({"cache": 2.0} if self.cache is not None else {})}
-        unknown = set(body) - set(bounds)
-        bad = [k for k, v in body.items() if k in bounds and (
-            not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 <= v <= bounds[k])]
-        if unknown or bad:
-            raise FrameError("cmd", f"thresholds: unknown keys {sorted(unknown)} (known {sorted(bounds)}) or values "
-                                    f"out of bounds {bounds} for {bad}", topic=msg.topic)
-        if "cache" in body:
-            self.cache.cache.set_threshold(float(body.pop("cache")))
-        self.thresholds.update({k: float(v) for k, v in body.items()})
+        values = parse_thresholds(msg.payload, msg.topic)
+        values.pop("device_cache", None)          # the devices' to apply
+        if "cache" in values and self.cache is None:
+            raise FrameError("cmd", "thresholds: this gateway runs no cache, so 'cache' cannot be set",
+                             topic=msg.topic)
+        if "cache" in values:
+            self.cache.cache.set_threshold(values.pop("cache"))
+        self.thresholds.update(values)
         self.log.info("%s: exit thresholds now %s, cache threshold %s", self.name, self.thresholds,
                       self.cache.cache.threshold if self.cache is not None else None)
 

@@ -88,3 +88,37 @@ def test_cache_threshold_changes_by_command_and_bad_input_is_refused(broker, bun
     assert wait_until(lambda: len(results) >= 1, timeout=10)
     time.sleep(0.5)
     assert [(r.event, r.exit, r.label) for r in results] == [(now_event + 2, "cache", 1)]
+
+
+def test_device_cache_threshold_changes_by_command(broker, bundle):
+    """``device_cache`` in a thresholds command reaches a device's cache; a bad value is refused
+    by the device on the error topic and changes nothing; the gateway's keys leave it alone."""
+    from fogsplit.device.agent import DeviceAgent
+    from fogsplit.device.sources import ReplaySource
+    from fogsplit.mqtt import MqttTransport
+    from fogsplit.topics import Topics
+
+    topics, cell, sensor = Topics(f"devcmd{time.monotonic_ns() % 10**6}"), "c4", bundle.manifest.sensor_names[0]
+    samples = np.zeros((1, *bundle.manifest.sensor(sensor).shape), np.uint8)
+    agent = DeviceAgent(MqttTransport(broker, f"dev-{topics.fleet}"), topics, bundle, cell=cell, device=sensor,
+                        source=ReplaySource(samples, rate=5.0, count=1), cache=CACHE)
+    watcher = MqttTransport(broker, f"watch-{topics.fleet}")
+    errors: list[dict] = []
+    watcher.subscribe(topics.error, lambda msg: errors.append(json.loads(msg.payload)))
+    try:
+        watcher.connect()
+        agent.transport.connect()
+        agent.start()
+        time.sleep(0.3)
+        watcher.publish(topics.cmd(cell, "thresholds"), json.dumps({"device_cache": 0.3}).encode())
+        assert wait_until(lambda: agent.cache.cache.threshold == 0.3, timeout=10)
+        watcher.publish(topics.cmd(cell, "thresholds"), json.dumps({"device_cache": 3, "local": 0.1}).encode())
+        watcher.publish(topics.cmd(cell, "thresholds"), json.dumps({"local": 0.2}).encode())
+        assert wait_until(lambda: len(errors) >= 1, timeout=10)
+        time.sleep(0.3)
+        assert [(e["rule"], e["by"]) for e in errors] == [("cmd", agent.name)]
+        assert "device_cache" in errors[0]["detail"] and agent.cache.cache.threshold == 0.3
+    finally:
+        agent.stop()
+        agent.transport.close()
+        watcher.close()

@@ -732,13 +732,13 @@ MAY_PUBLISH = {
     "operator": {"cmd", "model", "error"},  # error: the device pattern grants it to every account
     "bridge": {"forward", "result", "status/cam0", "gw-status", "gw-stats", "error"},
 }
-MAY_READ = {
-    "cam0": {"request"},
-    "cam1": {"request"},
-    "gateway": {"scores/cam0", "feature/cam0", "status/cam0", "scores/cam1", "request", "cmd"},
-    "cloud": {"forward", "raw/cam0"},
+MAY_READ = {   # result and cmd: patterns, for the devices' caches; every account gets them
+    "cam0": {"request", "result", "cmd"},
+    "cam1": {"request", "result", "cmd"},
+    "gateway": {"scores/cam0", "feature/cam0", "status/cam0", "scores/cam1", "request", "cmd", "result"},
+    "cloud": {"forward", "raw/cam0", "result", "cmd"},
     "operator": ALL_KEYS,
-    "bridge": {"cmd", "model"},
+    "bridge": {"cmd", "model", "result"},
 }
 
 
