@@ -71,8 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=None, help="DDNN training epochs (default 8; quick 2)")
     p.add_argument("--events", type=int, default=None, help="DDNN events (default 4000; quick 300)")
     p.add_argument("--vgg-epochs", type=int, default=None,
-                   help="VGG dense training epochs (default 8; quick 1); sparsity and fine-tuning take half each")
-    p.add_argument("--vgg-events", type=int, default=None, help="VGG images (default 5000; quick 300)")
+                   help="VGG dense training epochs (default 12; quick 1); sparsity and fine-tuning take half each")
+    p.add_argument("--vgg-events", type=int, default=None, help="VGG images (default 7000; quick 300)")
     p.add_argument("--vgg-width", type=float, default=None,
                    help="channel width multiplier of VGG-16 (default 1; quick 0.25): only for wiring checks")
     p.add_argument("--repeats", type=int, default=None, help="timed runs per shard (default 200; quick 20)")
@@ -87,7 +87,7 @@ def _settings(args) -> dict:
     quick = args.quick
     pick = lambda given, full, small: given if given is not None else (small if quick else full)  # noqa: E731
     settings = {"epochs": pick(args.epochs, 8, 2), "events": pick(args.events, 4000, 300),
-                "vgg_epochs": pick(args.vgg_epochs, 8, 1), "vgg_events": pick(args.vgg_events, 5000, 300),
+                "vgg_epochs": pick(args.vgg_epochs, 12, 1), "vgg_events": pick(args.vgg_events, 7000, 300),
                 "vgg_width": pick(args.vgg_width, 1.0, 0.25),
                 "repeats": pick(args.repeats, 200, 20)}
     if not 0 < settings["vgg_width"] <= 1:
