@@ -4,8 +4,9 @@ On a hit the device tells the gateway which label its cache votes for, in the sc
 when enough of the cell's devices agree the gateway answers without asking for any feature,
 so the feature uplink is skipped. A device votes only for a label its own exit also predicts:
 a camera that does not see the object has a feature that barely changes from one scene to the
-next (its view is background), so its cache alone would repeat the last scene's label. The cache learns from the cell's results: an edge or cloud
-answer to an event whose feature the device still holds.
+next (its view is background), so its cache alone would repeat the last scene's label. The
+cache learns from the cell's results: an edge or cloud answer to an event whose feature the
+device still holds.
 """
 from __future__ import annotations
 
