@@ -188,13 +188,16 @@ def _cut(before: tuple[int, int], after: tuple[int, int]) -> tuple[float, float]
     return tuple(1.0 - a / b if b else 0.0 for a, b in zip(after, before))
 
 
+def _total(costs) -> tuple[int, int]:
+    """(FLOPs, params) summed over units."""
+    return tuple(sum(c[i] for c in costs) for i in (0, 1))
+
+
 def _measure(units: Sequence[PruneUnit], plan: dict[str, dict[str, int]],
              dense: dict[str, tuple[int, int]]) -> tuple[float, float]:
     """Overall (FLOPs cut, params cut) of ``plan``, counted on pruned copies of the units."""
     after = [count_cost(apply_keep(u, copy.deepcopy(u.module), plan[u.name]), u.inputs) for u in units]
-    total_before = [sum(c[i] for c in dense.values()) for i in (0, 1)]
-    total_after = [sum(c[i] for c in after) for i in (0, 1)]
-    return _cut(tuple(total_before), tuple(total_after))
+    return _cut(_total(dense.values()), _total(after))
 
 
 def search_keep(units: Sequence[PruneUnit], target: float, metric: str = "flops",
@@ -251,8 +254,7 @@ def prune_to_target(units: Sequence[PruneUnit], target: float, metric: str = "fl
                              "flops_dense": dense[unit.name][0], "params_dense": dense[unit.name][1],
                              "flops_cut": round(flops_cut, 4), "params_cut": round(params_cut, 4)}
         log.info("pruned %s: flops -%.1f%%, params -%.1f%%", unit.name, 100 * flops_cut, 100 * params_cut)
-    flops_cut, params_cut = _cut(tuple(sum(c[i] for c in dense.values()) for i in (0, 1)),
-                                 tuple(sum(c[i] for c in after.values()) for i in (0, 1)))
+    flops_cut, params_cut = _cut(_total(dense.values()), _total(after.values()))
     return Compression(metric=metric, target=target, flops_cut=round(flops_cut, 4),
                        params_cut=round(params_cut, 4), shards=shards)
 
