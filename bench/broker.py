@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from fogsplit.broker import EmbeddedBroker, mosquitto_binary
-from fogsplit.mqtt import MqttTransport, wait_until
+from fogsplit.bench.embedded import EmbeddedBroker, mosquitto_binary
+from fogsplit.core.mqtt import MqttTransport, wait_until
 
 
 def measure(url: str, messages: int, qos: int, size: int = 64) -> dict:

@@ -34,9 +34,13 @@ from pathlib import Path
 
 import numpy as np
 
-from fogsplit.cache import CacheSettings, SemanticCache
-from fogsplit.demo import percentiles, stream_test_set, summarize
+from fogsplit.core.cache import CacheSettings, SemanticCache
+from fogsplit.bench.harness import percentiles, stream_test_set, summarize
 from fogsplit.gateway.gateway import GatewaySettings
+from fogsplit.bench.embedded import EmbeddedBroker
+from fogsplit.core.manifest import load_bundle
+from fogsplit.export.datasets import multiview_images
+from fogsplit.export.streams import redundant_images
 
 log = logging.getLogger("fogsplit.bench.cache")
 MISS_EXITS = ("edge", "cloud")
@@ -279,13 +283,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for name in ("fogsplit.gateway", "fogsplit.deviceagent", "fogsplit.cloudworker", "fogsplit.mqtt"):
+    for name in ("fogsplit.gateway", "fogsplit.deviceagent", "fogsplit.cloudworker", "fogsplit.core.mqtt"):
         logging.getLogger(name).setLevel(logging.WARNING)
     if not 0 <= args.redundancy < 1 or any(not 0 <= r < 1 for r in args.sweep_redundancy):
         raise SystemExit("fogsplit bench cache: redundancy must be in [0, 1)")
-    from fogsplit.broker import EmbeddedBroker
-    from fogsplit.export.streams import redundant_images
-    from fogsplit.manifest import load_bundle
 
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="fogsplit-cache-") as tmp:
@@ -346,7 +347,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def train_bundle(out: Path, args) -> Path:
-    from fogsplit.export.datasets import multiview_images
     from fogsplit.export.pipeline import ExportOptions, export_bundle
     log.info("training a bundle on %d events", args.train_events)
     export_bundle(multiview_images(n_events=args.train_events, seed=args.seed), out,

@@ -31,9 +31,13 @@ from pathlib import Path
 
 import numpy as np
 
-from fogsplit.broker import EmbeddedBroker
-from fogsplit.demo import stream_test_set, summarize
-from fogsplit.manifest import Bundle, load_bundle
+from fogsplit.bench.flags import broker_url, positive
+from fogsplit.bench.embedded import EmbeddedBroker
+from fogsplit.bench.harness import stream_test_set, summarize
+from fogsplit.bench.report import write_json
+from fogsplit.core.manifest import Bundle, load_bundle
+from fogsplit.export.datasets import BUILTIN, load_data
+from fogsplit.gateway.gateway import GatewaySettings
 
 log = logging.getLogger("fogsplit.bench.comm")
 
@@ -77,7 +81,6 @@ def export_setting(setting: Setting, data, workdir: Path, *, epochs: int | None,
 
 def measure(url: str, bundle: Bundle, test, *, rate: float, policy: str = "request",
             local: float | None = None, missing: tuple[str, ...] = ()) -> dict:
-    from fogsplit.gateway.gateway import GatewaySettings
     settings = GatewaySettings(local_threshold=local)
     outcome = stream_test_set(url, bundle, test, policy=policy, rate=rate, missing=missing,
                               gateway_settings=settings, fleet="bench")
@@ -104,8 +107,6 @@ def best_point(rows: list[dict], *, bar: float, raw_bytes: float) -> dict | None
 
 
 def run(args) -> dict:
-    from fogsplit.dataset import load_data
-    from fogsplit.dataset import BUILTIN
     data = load_data(args.data, seed=args.seed,
                      events=args.events or (BENCH_EVENTS if args.data in BUILTIN else None))
     test = data.test()
@@ -239,24 +240,23 @@ def _thresholds_one(text: str) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from fogsplit.cli import _broker_url, _positive, write_json
     parser = argparse.ArgumentParser(prog="fogsplit bench comm", description=__doc__.split("\n")[0])
     parser.add_argument("--data", default="images", help="images, series, or a .npz file (default images)")
-    parser.add_argument("--events", type=_positive(int),
+    parser.add_argument("--events", type=positive(int),
                         help=f"events the built-in generator makes (default {BENCH_EVENTS})")
-    parser.add_argument("--test-events", type=_positive(int), default=600,
+    parser.add_argument("--test-events", type=positive(int), default=600,
                         help="test events streamed per measurement (default 600)")
-    parser.add_argument("--epochs", type=_positive(int), default=BENCH_EPOCHS,
+    parser.add_argument("--epochs", type=positive(int), default=BENCH_EPOCHS,
                         help=f"training epochs per setting (default {BENCH_EPOCHS})")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--rate", type=_positive(float), default=40.0, help="captures per second (default 40)")
+    parser.add_argument("--rate", type=positive(float), default=40.0, help="captures per second (default 40)")
     parser.add_argument("--thresholds", type=_thresholds, default=DEFAULT_THRESHOLDS,
                         help="local exit thresholds to sweep, comma-separated")
     parser.add_argument("--phase-threshold", type=_thresholds_one, default=0.2,
                         help="local exit threshold at which one- and two-phase are compared (default 0.2)")
     parser.add_argument("--settings", nargs="+", choices=[s.name for s in SETTINGS],
                         help="which settings (default all)")
-    parser.add_argument("--broker", type=_broker_url, help="an external broker instead of an embedded one")
+    parser.add_argument("--broker", type=broker_url, help="an external broker instead of an embedded one")
     parser.add_argument("--embedded", choices=["auto", "mosquitto", "rumqttd"], default="auto",
                         help="which embedded broker (default auto: Mosquitto if installed)")
     parser.add_argument("--workdir", type=Path, default=Path("runs/bench-comm"), help="where the bundles go")
@@ -264,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plot", type=Path, help="write the accuracy-against-bytes PNG here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("fogsplit.mqtt", "fogsplit.gateway", "fogsplit.device", "fogsplit.cloud", "fogsplit.broker",
+    for noisy in ("fogsplit.core.mqtt", "fogsplit.gateway", "fogsplit.device", "fogsplit.cloud", "fogsplit.bench.embedded",
                   "fogsplit.export", "iotcore"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     out = run(args)

@@ -27,8 +27,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fogsplit.cli import write_json
-from fogsplit.runner import ShardRunner
+from fogsplit.bench.report import write_json
+from fogsplit.core.runner import ShardRunner
+from fogsplit.export.datasets import load_data
 
 log = logging.getLogger("fogsplit.bench.prune")
 
@@ -125,7 +126,6 @@ def _shard_inputs(shard, sample: np.ndarray | None, rng: np.random.Generator) ->
 
 
 def ddnn_rows(settings: dict, targets: tuple[float, ...], seed: int, workdir: Path) -> list[dict]:
-    from fogsplit.dataset import load_data
     from fogsplit.export.pipeline import ExportOptions, export_bundle
 
     data = load_data("images", seed=seed, events=settings["events"])

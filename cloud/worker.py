@@ -10,16 +10,16 @@ import time
 
 import numpy as np
 
-from fogsplit.assembly import Assembler, Event
-from fogsplit.frames import decode_frame
-from fogsplit.fusion import fuse
-from fogsplit.manifest import Bundle, expect_frames
-from fogsplit.mqtt import Message, Transport
-from fogsplit.results import make_result
-from fogsplit.roster import Roster, decode_device_frame, parse_status
-from fogsplit.runner import ShardRunner
-from fogsplit.service import Service, status_payload
-from fogsplit.topics import Topics, cell_of, device_of
+from fogsplit.core.assembly import Assembler, Event
+from fogsplit.core.frames import decode_frame
+from fogsplit.core.fusion import fuse
+from fogsplit.core.manifest import Bundle, expect_frames
+from fogsplit.core.transport import Message, Transport
+from fogsplit.core.results import make_result
+from fogsplit.core.roster import Roster, decode_device_frame, parse_status
+from fogsplit.core.runner import ShardRunner
+from fogsplit.core.service import Service, status_payload
+from fogsplit.core.topics import Topics, cell_of, device_of
 
 
 def cloud_stage(runner: ShardRunner, edge_feature: np.ndarray) -> np.ndarray:

@@ -9,16 +9,16 @@ from collections import OrderedDict
 
 import numpy as np
 
-from fogsplit.frames import FEATURE, GONE, RAW, SCORES, decode_frame, encode_events_frame, encode_slot_frame, \
+from fogsplit.core.frames import FEATURE, GONE, RAW, SCORES, decode_frame, encode_events_frame, encode_slot_frame, \
     unwrap_slot
-from fogsplit.cache import CacheSettings
-from fogsplit.commands import parse_thresholds
-from fogsplit.manifest import Bundle, expect_frames, raw_codec
-from fogsplit.mqtt import Message, Transport
-from fogsplit.results import parse_result
-from fogsplit.runner import ShardRunner
-from fogsplit.service import Service, status_payload
-from fogsplit.topics import Topics
+from fogsplit.core.cache import CacheSettings
+from fogsplit.core.commands import parse_thresholds
+from fogsplit.core.manifest import Bundle, expect_frames, raw_codec
+from fogsplit.core.transport import Message, Transport
+from fogsplit.core.results import parse_result
+from fogsplit.core.runner import ShardRunner
+from fogsplit.core.service import Service, status_payload
+from fogsplit.core.topics import Topics
 
 from fogsplit.device.caching import DeviceCache
 from fogsplit.device.sources import Capture, Source

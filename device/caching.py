@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from fogsplit.cache import CacheSettings, ModelCache, resolve
-from fogsplit.errors import ConfigError
-from fogsplit.manifest import Manifest
+from fogsplit.core.cache import CacheSettings, ModelCache, resolve
+from fogsplit.core.errors import ConfigError
+from fogsplit.core.manifest import Manifest
 
 
 class DeviceCache(ModelCache):

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from fogsplit.cache import cell_vote
-from fogsplit.manifest import CachePoint
+from fogsplit.core.cache import cell_vote
+from fogsplit.core.manifest import CachePoint
 
 
 def unit_rows(features: np.ndarray) -> np.ndarray:
@@ -39,7 +39,7 @@ def leave_one_out_neighbours(keys: np.ndarray, k: int) -> tuple[np.ndarray, np.n
 
 def cache_votes(neighbour_labels: np.ndarray, distances: np.ndarray, threshold: float, classes: int,
                 min_agreement: float) -> tuple[np.ndarray, np.ndarray]:
-    """Vectorised :func:`fogsplit.cache.vote` over queries: (hit mask [N], voted label [N])."""
+    """Vectorised :func:`fogsplit.core.cache.vote` over queries: (hit mask [N], voted label [N])."""
     near = distances <= threshold
     counts = np.zeros((len(near), classes))
     for c in range(classes):

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fogsplit.exits import normalized_entropy
+from fogsplit.core.exits import normalized_entropy
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,8 @@ from dataclasses import dataclass, fields, replace
 
 import numpy as np
 
-from fogsplit.dataset import Dataset, make_dataset
+from fogsplit.core.dataset import Dataset, load_npz, make_dataset
+from fogsplit.core.errors import DataError
 
 IMAGE_SIZE = 32
 SHAPES = ("disc", "triangle", "cross", "ring", "crescent",
@@ -475,3 +476,16 @@ def _split(n: int, test_fraction: float, rng: np.random.Generator) -> np.ndarray
     n_test = min(max(1, round(n * test_fraction)), n - 1)
     split[rng.permutation(n)[:n_test]] = 1
     return split
+
+
+BUILTIN = ("images", "series")
+
+
+def load_data(spec: str, *, seed: int = 0, events: int | None = None) -> Dataset:
+    """``images`` or ``series`` (built-in generators, deterministic from ``seed``) or a path to a ``.npz``."""
+    if spec in BUILTIN:
+        make = multiview_images if spec == "images" else imu_series
+        return make(seed=seed) if events is None else make(n_events=events, seed=seed)
+    if not spec.endswith(".npz"):
+        raise DataError(spec, f"expected one of {BUILTIN} or a path to a .npz file")
+    return load_npz(spec)

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from fogsplit.dataset import Dataset
+from fogsplit.core.dataset import Dataset
 
 KINDS = ("image", "series")
 SCORE_FUSIONS = ("max", "mean")

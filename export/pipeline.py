@@ -10,13 +10,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fogsplit.codecs import CodecSpec, calibrate_int8
-from fogsplit.frames import FEATURE, REQUEST, SCORES, SLOT_MOD, encode_events_frame, encode_forward_frame, \
+from fogsplit.core.codecs import CodecSpec, calibrate_int8
+from fogsplit.core.frames import FEATURE, REQUEST, SCORES, SLOT_MOD, encode_events_frame, encode_forward_frame, \
     encode_slot_frame
-from fogsplit.mqtt import ALIAS_PROPERTY_BYTES, publish_packet_size
-from fogsplit.topics import Topics
-from fogsplit.dataset import Dataset
-from fogsplit.manifest import CacheSpec, Manifest, SensorSpec, write_manifest
+from fogsplit.core.wire import ALIAS_PROPERTY_BYTES, publish_packet_size
+from fogsplit.core.topics import Topics
+from fogsplit.core.dataset import Dataset
+from fogsplit.core.manifest import CacheSpec, Manifest, SensorSpec, write_manifest
 
 from fogsplit.export.cache_calibrate import calibrate_cache_threshold, calibrate_cell_threshold
 from fogsplit.export.calibrate import calibrate_thresholds, simulate_cascade

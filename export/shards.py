@@ -10,9 +10,9 @@ import onnx
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from fogsplit.errors import FogsplitError
-from fogsplit.manifest import ShardSpec, sha256_file
-from fogsplit.runner import ShardRunner
+from fogsplit.core.errors import FogsplitError
+from fogsplit.core.manifest import ShardSpec, sha256_file
+from fogsplit.core.runner import ShardRunner
 
 OPSET = 17
 PARITY_TOLERANCE = 1e-4

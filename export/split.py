@@ -20,8 +20,8 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from fogsplit.codecs import CodecSpec, payload_bytes
-from fogsplit.dataset import Dataset
+from fogsplit.core.codecs import CodecSpec, payload_bytes
+from fogsplit.core.dataset import Dataset
 
 from fogsplit.export.model import DDNN, ModelSpec
 from fogsplit.export.train import train

@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from fogsplit.dataset import Dataset
+from fogsplit.core.dataset import Dataset
 
 from fogsplit.export.datasets import SHAPES, CameraRig, ViewParams, multiview_scene, render_views
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
-from fogsplit.dataset import Dataset
+from fogsplit.core.dataset import Dataset
 from fogsplit.export.model import DDNN, Exits
 
 EXITS = ("device", "local", "edge", "cloud")

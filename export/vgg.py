@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from fogsplit.dataset import Dataset, make_dataset
+from fogsplit.core.dataset import Dataset, make_dataset
 from fogsplit.export.datasets import SHAPES, render_views, sample_views
 
 VGG16_CFG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")

@@ -18,8 +18,8 @@ from collections import OrderedDict
 
 import numpy as np
 
-from fogsplit.cache import CacheSettings, ModelCache, Vote, cell_vote, resolve
-from fogsplit.manifest import Manifest
+from fogsplit.core.cache import CacheSettings, ModelCache, Vote, cell_vote, resolve
+from fogsplit.core.manifest import Manifest
 
 
 def vote_logits(label: int, share: float, classes: int) -> np.ndarray:

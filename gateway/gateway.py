@@ -7,19 +7,19 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from fogsplit.assembly import Assembler, Event
-from fogsplit.cache import CacheSettings
-from fogsplit.commands import parse_thresholds
-from fogsplit.errors import FrameError
-from fogsplit.frames import GONE, REQUEST, to_slot, encode_events_frame, encode_forward_frame
-from fogsplit.fusion import fuse
-from fogsplit.manifest import Bundle, expect_frames
-from fogsplit.mqtt import Message, Transport
-from fogsplit.results import EXIT_TIERS, make_result, parse_result
-from fogsplit.roster import Roster, decode_device_frame, parse_status
-from fogsplit.runner import ShardRunner
-from fogsplit.service import Service, status_payload
-from fogsplit.topics import Topics, device_of
+from fogsplit.core.assembly import Assembler, Event
+from fogsplit.core.cache import CacheSettings
+from fogsplit.core.commands import parse_thresholds
+from fogsplit.core.errors import FrameError
+from fogsplit.core.frames import GONE, REQUEST, to_slot, encode_events_frame, encode_forward_frame
+from fogsplit.core.fusion import fuse
+from fogsplit.core.manifest import Bundle, expect_frames
+from fogsplit.core.transport import Message, Transport
+from fogsplit.core.results import EXIT_TIERS, make_result, parse_result
+from fogsplit.core.roster import Roster, decode_device_frame, parse_status
+from fogsplit.core.runner import ShardRunner
+from fogsplit.core.service import Service, status_payload
+from fogsplit.core.topics import Topics, device_of
 
 from fogsplit.gateway.caching import GatewayCache, vote_logits
 from fogsplit.gateway.stages import edge_stage, local_stage

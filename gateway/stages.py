@@ -5,9 +5,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fogsplit.exits import entropy_exit
-from fogsplit.fusion import fuse
-from fogsplit.runner import ShardRunner
+from fogsplit.core.exits import entropy_exit
+from fogsplit.core.fusion import fuse
+from fogsplit.core.runner import ShardRunner
 
 
 @dataclass(frozen=True)

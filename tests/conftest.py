@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from fogsplit.broker import EmbeddedBroker, mosquitto_binary
+from fogsplit.bench.embedded import EmbeddedBroker, mosquitto_binary
 
 @pytest.fixture(scope="session")
 def mosquitto() -> str:
@@ -64,9 +64,9 @@ def live_gateway():
     """Start a gateway on a fresh fleet with a watcher beside it: ``live_gateway(url, bundle, ...)``.
     Everything started is stopped when the test ends, passed or not."""
     from fogsplit.gateway.gateway import Gateway
-    from fogsplit.mqtt import MqttTransport
-    from fogsplit.results import Result
-    from fogsplit.topics import Topics
+    from fogsplit.core.mqtt import MqttTransport
+    from fogsplit.core.results import Result
+    from fogsplit.core.topics import Topics
 
     started = []
 

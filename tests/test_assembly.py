@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 
-from fogsplit.assembly import Assembler
-from fogsplit.exits import entropy_exit, normalized_entropy
-from fogsplit.fusion import fuse
+from fogsplit.core.assembly import Assembler
+from fogsplit.core.exits import entropy_exit, normalized_entropy
+from fogsplit.core.fusion import fuse
 
 SENSORS = ["a", "b", "c"]
 V = np.zeros(2)

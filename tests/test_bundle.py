@@ -7,10 +7,10 @@ import shutil
 import numpy as np
 import pytest
 
-from fogsplit.errors import BundleError
+from fogsplit.core.errors import BundleError
 from fogsplit.export.pipeline import ExportOptions
-from fogsplit.manifest import MANIFEST, load_bundle
-from fogsplit.runner import ShardRunner
+from fogsplit.core.manifest import MANIFEST, load_bundle
+from fogsplit.core.runner import ShardRunner
 
 pytestmark = pytest.mark.slow
 

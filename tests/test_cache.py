@@ -6,11 +6,11 @@ import json
 import numpy as np
 import pytest
 
-from fogsplit.cache import CacheSettings, SemanticCache, cell_vote, exact_search, normalise, vote
-from fogsplit.errors import BundleError, ConfigError
+from fogsplit.core.cache import CacheSettings, SemanticCache, cell_vote, exact_search, normalise, vote
+from fogsplit.core.errors import BundleError, ConfigError
 from fogsplit.export.cache_calibrate import calibrate_cache_threshold, calibrate_cell_threshold, unit_rows
 from fogsplit.export.streams import redundant_images, scene_ids
-from fogsplit.manifest import MANIFEST, parse_manifest
+from fogsplit.core.manifest import MANIFEST, parse_manifest
 
 
 def clustered(n: int, dim: int, clusters: int, spread: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -298,13 +298,13 @@ def test_the_bundle_carries_a_calibrated_cache_section_parsed_strictly(bundle_di
 # -- the gateway's and the device's caches ----------------------------------------------------
 
 def _manifest_with_cache(bundle_dir):
-    from fogsplit.manifest import load_bundle
+    from fogsplit.core.manifest import load_bundle
     return load_bundle(bundle_dir).manifest
 
 
 def test_resolve_takes_what_the_operator_left_unset_from_the_bundle():
-    from fogsplit.cache import resolve
-    from fogsplit.manifest import CachePoint, CacheSpec
+    from fogsplit.core.cache import resolve
+    from fogsplit.core.manifest import CachePoint, CacheSpec
     point = CachePoint(threshold=0.8, hit_rate=0.1, hit_accuracy=0.9, model_accuracy=0.9, queries=100)
     spec = CacheSpec(k=5, min_agreement=1.0, quorum=0.5, max_accuracy_loss=0.01, gateway=point,
                      device=CachePoint(threshold=0.6, hit_rate=0.1, hit_accuracy=0.9, model_accuracy=0.9, queries=100))
@@ -318,7 +318,7 @@ def test_resolve_takes_what_the_operator_left_unset_from_the_bundle():
 
 
 def test_vote_logits_give_the_label_the_share_it_won():
-    from fogsplit.exits import softmax
+    from fogsplit.core.exits import softmax
     from fogsplit.gateway.caching import vote_logits
     p = softmax(vote_logits(2, 0.75, 4))
     assert int(np.argmax(p)) == 2 and p[2] == pytest.approx(0.75) and p[0] == pytest.approx(0.25 / 3)

@@ -7,12 +7,12 @@ import time
 import numpy as np
 import pytest
 
-from fogsplit.cache import CacheSettings
-from fogsplit.demo import stream_test_set, summarize
+from fogsplit.core.cache import CacheSettings
+from fogsplit.bench.harness import stream_test_set, summarize
 from fogsplit.export.streams import redundant_images
 from fogsplit.gateway.gateway import GatewaySettings
-from fogsplit.manifest import load_bundle
-from fogsplit.mqtt import wait_until
+from fogsplit.core.manifest import load_bundle
+from fogsplit.core.mqtt import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -51,8 +51,8 @@ def test_repeated_scenes_are_answered_from_cache_once_per_event(mosquitto, bundl
 def test_cache_threshold_changes_by_command_and_bad_input_is_refused(broker, bundle, live_gateway):
     """A live gateway with a cache: a good command applies, bad commands and a malformed cache
     vote are each reported on the error topic, and an event is still answered afterwards."""
-    from fogsplit.frames import SCORES, encode_slot_frame
-    from fogsplit.service import status_payload
+    from fogsplit.core.frames import SCORES, encode_slot_frame
+    from fogsplit.core.service import status_payload
 
     live = live_gateway(broker, bundle, name="cachecmd", cell="c3",
                         settings=GatewaySettings(deadline_ms=100, cache=CACHE, local_threshold=0.0))
@@ -95,8 +95,8 @@ def test_device_cache_threshold_changes_by_command(broker, bundle):
     by the device on the error topic and changes nothing; the gateway's keys leave it alone."""
     from fogsplit.device.agent import DeviceAgent
     from fogsplit.device.sources import ReplaySource
-    from fogsplit.mqtt import MqttTransport
-    from fogsplit.topics import Topics
+    from fogsplit.core.mqtt import MqttTransport
+    from fogsplit.core.topics import Topics
 
     topics, cell, sensor = Topics(f"devcmd{time.monotonic_ns() % 10**6}"), "c4", bundle.manifest.sensor_names[0]
     samples = np.zeros((1, *bundle.manifest.sensor(sensor).shape), np.uint8)

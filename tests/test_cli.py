@@ -47,14 +47,14 @@ def test_bad_data_file_is_a_clear_error(tmp_path, capsys):
 
 
 def test_unreachable_broker_is_a_clear_error(bundle_dir, capsys):
-    from fogsplit.broker import free_port
+    from fogsplit.bench.embedded import free_port
     code = main(["cloud", "--bundle", str(bundle_dir), "--broker", f"mqtt://127.0.0.1:{free_port()}"])
     assert code == 2
     assert "cannot reach broker" in capsys.readouterr().err
 
 
 def test_data_command_writes_the_documented_format(tmp_path):
-    from fogsplit.dataset import load_npz
+    from fogsplit.core.dataset import load_npz
     out = tmp_path / "s.npz"
     assert main(["data", "series", "--events", "50", "--out", str(out)]) == 0
     ds = load_npz(out)

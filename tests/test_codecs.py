@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from fogsplit.codecs import CodecSpec, calibrate_int8, decode_tensor, encode_tensor, payload_bytes
-from fogsplit.errors import FrameError
+from fogsplit.core.codecs import CodecSpec, calibrate_int8, decode_tensor, encode_tensor, payload_bytes
+from fogsplit.core.errors import FrameError
 
 RNG = np.random.default_rng(0)
 X = RNG.normal(size=(4, 8, 8)).astype(np.float32)

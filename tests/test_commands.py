@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from fogsplit.commands import parse_thresholds
-from fogsplit.errors import FrameError
+from fogsplit.core.commands import parse_thresholds
+from fogsplit.core.errors import FrameError
 
 TOPIC = "fogsplit/v1/f/cell/c/cmd/thresholds"
 

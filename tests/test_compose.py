@@ -31,12 +31,12 @@ import paho.mqtt.client as paho
 import pytest
 import yaml
 
-from fogsplit.broker import free_port, wait_for_port
+from fogsplit.bench.embedded import free_port, wait_for_port
 from fogsplit.cli import build_parser
-from fogsplit.mqtt import MqttTransport, parse_broker_url, wait_until
-from fogsplit.results import Result
-from fogsplit.service import status_payload
-from fogsplit.topics import Topics, check_name
+from fogsplit.core.mqtt import MqttTransport, parse_broker_url, wait_until
+from fogsplit.core.results import Result
+from fogsplit.core.service import status_payload
+from fogsplit.core.topics import Topics, check_name
 
 REPO = Path(__file__).resolve().parents[1]
 COMPOSE = REPO / "compose"
@@ -927,7 +927,7 @@ def test_every_tier_works_under_its_own_account(central, keys, connect, bundle_d
     from fogsplit.device.agent import DeviceAgent
     from fogsplit.device.sources import ReplaySource
     from fogsplit.gateway.gateway import Gateway
-    from fogsplit.manifest import load_bundle
+    from fogsplit.core.manifest import load_bundle
 
     t = Topics("tiers")
     bundle = load_bundle(bundle_dir)

@@ -1,8 +1,9 @@
 import numpy as np
 import pytest
 
-from fogsplit.dataset import load_data, load_npz, make_dataset, save_npz
-from fogsplit.errors import DataError
+from fogsplit.core.dataset import load_npz, make_dataset, save_npz
+from fogsplit.export.datasets import load_data
+from fogsplit.core.errors import DataError
 
 
 def arrays(n=10, **over):

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fogsplit.dataset import Dataset
+from fogsplit.core.dataset import Dataset
 from fogsplit.export import datasets
 from fogsplit.export.datasets import (ACTIVITIES, SHAPES, CameraRig, ImuRig, imu_series,
                                       multiview_images, multiview_scene, render_view,

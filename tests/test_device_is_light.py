@@ -7,9 +7,9 @@ import sys
 
 import pytest
 
-from fogsplit.dataset import save_npz
-from fogsplit.mqtt import MqttTransport, wait_until
-from fogsplit.topics import Topics
+from fogsplit.core.dataset import save_npz
+from fogsplit.core.mqtt import MqttTransport, wait_until
+from fogsplit.core.topics import Topics
 
 HEAVY = ("torch", "onnx", "tqdm", "matplotlib", "iotcore", "hnswlib", "faiss", "usearch")
 
@@ -51,7 +51,7 @@ def test_device_command_runs_without_torch_or_onnx(embedded, bundle_dir, small_d
 
 def test_device_modules_import_nothing_heavy():
     code = ("import sys; import fogsplit.device.agent, fogsplit.device.caching, fogsplit.device.sources, fogsplit.cli, "
-            "fogsplit.manifest, fogsplit.cache; "
+            "fogsplit.core.manifest, fogsplit.core.cache; "
             f"print([m for m in sys.modules if m.split('.')[0] in {HEAVY!r}])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr

@@ -2,9 +2,9 @@ import msgpack
 import numpy as np
 import pytest
 
-from fogsplit.codecs import CodecSpec
-from fogsplit.errors import FrameError
-from fogsplit.frames import FEATURE, FORWARD, GONE, REQUEST, SCORES, SLOT_MOD, Expect, decode_frame, \
+from fogsplit.core.codecs import CodecSpec
+from fogsplit.core.errors import FrameError
+from fogsplit.core.frames import FEATURE, FORWARD, GONE, REQUEST, SCORES, SLOT_MOD, Expect, decode_frame, \
     encode_events_frame, encode_forward_frame, encode_slot_frame, frame_tag, unwrap_slot
 
 SENSORS = ("cam0", "cam1", "cam2")

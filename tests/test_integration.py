@@ -8,12 +8,12 @@ import msgpack
 import numpy as np
 import pytest
 
-from fogsplit.demo import stream_test_set, summarize
-from fogsplit.frames import SCORES, encode_slot_frame
+from fogsplit.bench.harness import stream_test_set, summarize
+from fogsplit.core.frames import SCORES, encode_slot_frame
 from fogsplit.gateway.gateway import GatewaySettings
-from fogsplit.manifest import load_bundle
-from fogsplit.mqtt import wait_until
-from fogsplit.service import status_payload
+from fogsplit.core.manifest import load_bundle
+from fogsplit.core.mqtt import wait_until
+from fogsplit.core.service import status_payload
 
 pytestmark = pytest.mark.slow
 

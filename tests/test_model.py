@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from fogsplit.dataset import Dataset
+from fogsplit.core.dataset import Dataset
 from fogsplit.export.datasets import imu_series, multiview_images
 from fogsplit.export.model import DDNN, Exits, ModelSpec, fuse_features, fuse_scores
 from fogsplit.export.train import (TrainReport, channel_stats, exit_losses, predict,

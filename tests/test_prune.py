@@ -12,14 +12,14 @@ import torch_pruning as tp
 from torch import nn
 
 from fogsplit.cli import build_parser
-from fogsplit.errors import BundleError
+from fogsplit.core.errors import BundleError
 from fogsplit.export.datasets import multiview_images
 from fogsplit.export.model import DDNN, ModelSpec
 from fogsplit.export.pipeline import ExportOptions, export_bundle
 from fogsplit.export.prune import (DDNN_LAYERS, PruneUnit, bn_l1_penalty, keep_counts, prune_out_channels,
                                    prune_to_target)
 from fogsplit.export.shards import count_cost
-from fogsplit.manifest import MANIFEST, load_bundle
+from fogsplit.core.manifest import MANIFEST, load_bundle
 
 
 def test_counter_matches_a_hand_count_of_a_conv_and_a_linear_layer() -> None:
@@ -177,7 +177,7 @@ def test_pruned_export_lands_on_the_target_and_its_shards_are_smaller(dense_and_
 
 @pytest.mark.slow
 def test_pruned_bundle_runs_and_keeps_the_wire_shapes(dense_and_pruned, tiny_data) -> None:
-    from fogsplit.runner import ShardRunner
+    from fogsplit.core.runner import ShardRunner
     dense, pruned = dense_and_pruned
     bundle = load_bundle(pruned.path)
     runner = ShardRunner(bundle.shard_path(bundle.manifest.device_shard("cam0")))

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from fogsplit.codecs import CodecSpec
+from fogsplit.core.codecs import CodecSpec
 from fogsplit.export.model import DDNN, ModelSpec, fuse_features
 from fogsplit.export.split import channels_for_budget, prune_split_layer, split_channel_importance
 
@@ -66,8 +66,8 @@ def test_keep_is_checked():
 @pytest.mark.slow
 def test_export_with_a_feature_budget_ships_the_smaller_tensor(small_data, tmp_path):
     from fogsplit.export.pipeline import ExportOptions, export_bundle
-    from fogsplit.manifest import load_bundle
-    from fogsplit.runner import ShardRunner
+    from fogsplit.core.manifest import load_bundle
+    from fogsplit.core.runner import ShardRunner
     report = export_bundle(small_data, tmp_path, ExportOptions(epochs=2, feature_channels=8, feature_codec="int8",
                                                                feature_bytes=128, progress=False))
     m = report.manifest

@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from fogsplit.broker import free_port
-from fogsplit.mqtt import MqttTransport, parse_broker_url, wait_until
+from fogsplit.bench.embedded import free_port
+from fogsplit.core.mqtt import MqttTransport, parse_broker_url, wait_until
 
 
 class CountingProxy:

@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-log = logging.getLogger("fogsplit.broker")
+log = logging.getLogger("fogsplit.bench.embedded")
 
 KINDS = ("auto", "mosquitto", "rumqttd")
 

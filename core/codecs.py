@@ -12,7 +12,7 @@ from typing import Callable
 
 import numpy as np
 
-from fogsplit.errors import FrameError
+from fogsplit.core.errors import FrameError
 
 
 @dataclass(frozen=True)

@@ -8,9 +8,9 @@ import math
 import time
 from dataclasses import dataclass
 
-from fogsplit.errors import FrameError
-from fogsplit.frames import GONE, Expect, Frame, decode_frame, unwrap_slot
-from fogsplit.topics import device_of
+from fogsplit.core.errors import FrameError
+from fogsplit.core.frames import GONE, Expect, Frame, decode_frame, unwrap_slot
+from fogsplit.core.topics import device_of
 
 
 @dataclass(frozen=True)

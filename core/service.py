@@ -14,9 +14,9 @@ import threading
 import time
 from typing import Callable
 
-from fogsplit.errors import FrameError
-from fogsplit.mqtt import Message, Transport
-from fogsplit.topics import Topics
+from fogsplit.core.errors import FrameError
+from fogsplit.core.transport import Message, Transport
+from fogsplit.core.topics import Topics
 
 _STOP = object()
 

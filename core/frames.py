@@ -41,8 +41,8 @@ from dataclasses import dataclass, field
 import msgpack
 import numpy as np
 
-from fogsplit.codecs import CodecSpec, decode_tensor, encode_tensor
-from fogsplit.errors import FrameError
+from fogsplit.core.codecs import CodecSpec, decode_tensor, encode_tensor
+from fogsplit.core.errors import FrameError
 
 PROTOCOL_VERSION = 2
 MAX_FRAME_BYTES = 1 << 20

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fogsplit.errors import DataError
+from fogsplit.core.errors import DataError
 
 MAX_SENSORS = 64
 SPLIT_SEED = 0
@@ -166,18 +166,3 @@ def save_npz(dataset: Dataset, path: str | Path) -> Path:
     np.savez_compressed(path, y=dataset.y, split=dataset.split,
                         classes=np.array(dataset.classes), **arrays)
     return path
-
-
-BUILTIN = ("images", "series")
-
-
-def load_data(spec: str, *, seed: int = 0, events: int | None = None) -> Dataset:
-    """``images`` or ``series`` (built-in generators, deterministic from ``seed``) or a path to a ``.npz``."""
-    if spec in BUILTIN:
-        from fogsplit.export import datasets
-
-        make = datasets.multiview_images if spec == "images" else datasets.imu_series
-        return make(seed=seed) if events is None else make(n_events=events, seed=seed)
-    if not spec.endswith(".npz"):
-        raise DataError(spec, f"expected one of {BUILTIN} or a path to a .npz file")
-    return load_npz(spec)

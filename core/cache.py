@@ -20,10 +20,10 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
-from fogsplit.errors import ConfigError
+from fogsplit.core.errors import ConfigError
 
 if TYPE_CHECKING:
-    from fogsplit.manifest import CacheSpec
+    from fogsplit.core.manifest import CacheSpec
 
 ANN_LIBRARIES = ("hnswlib",)
 _GROW_FROM = 64

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 
-from fogsplit.errors import FrameError
+from fogsplit.core.errors import FrameError
 
 THRESHOLD_BOUNDS = {"local": 1.0, "edge": 1.0, "cache": 2.0, "device_cache": 2.0}
 

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from fogsplit.codecs import CodecSpec, payload_bytes
-from fogsplit.errors import BundleError
+from fogsplit.core.codecs import CodecSpec, payload_bytes
+from fogsplit.core.errors import BundleError
+from fogsplit.core.frames import FEATURE, FORWARD, RAW, SCORES, Expect
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -311,10 +312,8 @@ def raw_codec(sensor: SensorSpec) -> CodecSpec:
     return CodecSpec("uint8") if sensor.dtype == "uint8" else CodecSpec("fp32")
 
 
-def expect_frames(manifest: Manifest) -> "Expect":
+def expect_frames(manifest: Manifest) -> Expect:
     """What a tier running ``manifest`` accepts from the wire."""
-    from fogsplit.frames import FEATURE, FORWARD, RAW, SCORES, Expect
-
     first = manifest.sensors[0]
     return Expect(
         model=manifest.model_id,

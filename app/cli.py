@@ -1,5 +1,8 @@
-"""``fogsplit``: one command for every part. Heavy imports happen inside each command, so the
-device command loads nothing but onnxruntime, numpy, paho-mqtt and msgpack."""
+"""``fogsplit``: one command for every part.
+
+Only torch-bound modules (export's training and pruning) are imported inside the commands
+that need them, so the device command loads nothing but onnxruntime, numpy, paho-mqtt and
+msgpack (tests/test_device_is_light.py)."""
 from __future__ import annotations
 
 import argparse
@@ -10,82 +13,46 @@ import sys
 import threading
 from pathlib import Path
 
-from fogsplit.errors import FogsplitError
+from fogsplit.demo import format_report, run_demo
+from fogsplit.bench import broker as bench_broker, cache as bench_cache, comm as bench_comm
+from fogsplit.bench.embedded import EmbeddedBroker
+from fogsplit.bench.flags import broker_url, fraction, name, positive, unit_interval
+from fogsplit.bench.report import write_json
+from fogsplit.cloud.worker import CloudWorker, RawOffload
+from fogsplit.core.cache import CacheSettings
+from fogsplit.core.dataset import save_npz
+from fogsplit.core.errors import FogsplitError
+from fogsplit.core.manifest import load_bundle
+from fogsplit.core.mqtt import MqttTransport
+from fogsplit.core.service import status_payload
+from fogsplit.core.topics import Topics
+from fogsplit.device.agent import DeviceAgent
+from fogsplit.device.sources import ReplaySource
+from fogsplit.export.datasets import load_data
+from fogsplit.gateway.gateway import Gateway, GatewaySettings
 
-log = logging.getLogger("fogsplit")
+log = logging.getLogger(__name__)
 
 BENCHES = ("comm", "prune", "cache", "broker")
 
 
-def _positive(kind):
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"{text!r} must be positive")
-        return value
-    return parse
-
-
-def _number(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-
-
-def _fraction(text: str) -> float:
-    """A compression rate: a number strictly between 0 and 1 (0.8 removes 80%)."""
-    value = _number(text)
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be a fraction between 0 and 1 (exclusive), e.g. 0.8")
-    return value
-
-
-def _unit_interval(text: str) -> float:
-    """An exit threshold: a number in [0, 1]."""
-    value = _number(text)
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not in [0, 1]")
-    return value
-
-
 def _prune_flags(p: argparse.ArgumentParser) -> None:
     target = p.add_mutually_exclusive_group()
-    target.add_argument("--target-flops", type=_fraction, default=None, metavar="R",
+    target.add_argument("--target-flops", type=fraction, default=None, metavar="R",
                         help="prune every shard so that the FLOPs shrink by this fraction, e.g. 0.8")
-    target.add_argument("--target-params", type=_fraction, default=None, metavar="R",
+    target.add_argument("--target-params", type=fraction, default=None, metavar="R",
                         help="prune every shard so that the parameters shrink by this fraction, e.g. 0.9")
 
 
-def _name(text: str) -> str:
-    from fogsplit.topics import check_name
-    try:
-        return check_name("the", text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _broker_url(text: str) -> str:
-    from fogsplit.mqtt import parse_broker_url
-    try:
-        parse_broker_url(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    return text
-
-
 def _network_flags(p: argparse.ArgumentParser, broker_default: str | None = "mqtt://127.0.0.1:1883") -> None:
-    p.add_argument("--broker", type=_broker_url, default=broker_default,
+    p.add_argument("--broker", type=broker_url, default=broker_default,
                    help="MQTT broker URL, mqtt://[user:pass@]host:port or mqtts://..."
                         + ("" if broker_default is None else f" (default {broker_default})"))
-    p.add_argument("--fleet", type=_name, default="demo", help="topic namespace of this fleet (default demo)")
+    p.add_argument("--fleet", type=name, default="demo", help="topic namespace of this fleet (default demo)")
 
 
 def _cell_flag(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--cell", type=_name, default="cell0", help="cell of co-located devices (default cell0)")
+    p.add_argument("--cell", type=name, default="cell0", help="cell of co-located devices (default cell0)")
 
 
 def _cache_flags(p: argparse.ArgumentParser, entries: int, max_bytes: int) -> None:
@@ -99,7 +66,6 @@ def _cache_flags(p: argparse.ArgumentParser, entries: int, max_bytes: int) -> No
 
 def _cache_settings(args):
     """The cache flags as CacheSettings (validated there), or None without --cache."""
-    from fogsplit.cache import CacheSettings
     if not args.cache:
         return None
     given = {"max_entries": args.cache_entries, "max_bytes": args.cache_bytes, "ttl_s": args.cache_ttl,
@@ -114,14 +80,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="train, export, start every tier and stream the test set; print a report")
     p.add_argument("--data", default="images", help="images, series, or a .npz file (default images)")
-    p.add_argument("--broker", type=_broker_url, default=None,
+    p.add_argument("--broker", type=broker_url, default=None,
                    help="use this broker instead of starting an embedded one")
-    p.add_argument("--fleet", type=_name, default="demo")
+    p.add_argument("--fleet", type=name, default="demo")
     _cell_flag(p)
     p.add_argument("--json", type=Path, help="also write the report as JSON here")
-    p.add_argument("--events", type=_positive(int), help="how many events the built-in generator makes")
-    p.add_argument("--rate", type=_positive(float), default=25.0, help="captures per second (default 25)")
-    p.add_argument("--epochs", type=_positive(int), default=None, help="training epochs")
+    p.add_argument("--events", type=positive(int), help="how many events the built-in generator makes")
+    p.add_argument("--rate", type=positive(float), default=25.0, help="captures per second (default 25)")
+    p.add_argument("--epochs", type=positive(int), default=None, help="training epochs")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", type=Path, help="where the bundle goes (default: a temporary directory)")
     p.add_argument("--bundle", type=Path,
@@ -137,16 +103,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("data", help="write a built-in dataset as a .npz in the documented format")
     p.add_argument("kind", choices=["images", "series"])
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--events", type=_positive(int))
+    p.add_argument("--events", type=positive(int))
     p.add_argument("--seed", type=int, default=0)
 
     p = sub.add_parser("export", help="train on a dataset and write a verified bundle of ONNX shards")
     p.add_argument("--data", default="images", help="images, series, or a .npz file (default images)")
     p.add_argument("--out", type=Path, required=True, help="bundle directory")
-    p.add_argument("--events", type=_positive(int), help="how many events the built-in generator makes")
-    p.add_argument("--epochs", type=_positive(int), default=None)
+    p.add_argument("--events", type=positive(int), help="how many events the built-in generator makes")
+    p.add_argument("--epochs", type=positive(int), default=None)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--feature-channels", type=_positive(int), default=None,
+    p.add_argument("--feature-channels", type=positive(int), default=None,
                    help="channels of the split layer (what devices send)")
     p.add_argument("--edge-fusion", choices=["max", "mean", "concat"], default=None)
     p.add_argument("--local-fusion", choices=["max", "mean"], default=None)
@@ -154,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how device features travel (default int8; sign: a binarized trunk, 1 bit a value)")
     p.add_argument("--scores-codec", choices=["fp32", "fp16", "int8"], default=None,
                    help="how device exit scores travel (default int8)")
-    p.add_argument("--feature-bytes", type=_positive(int), default=None,
+    p.add_argument("--feature-bytes", type=positive(int), default=None,
                    help="prune the split layer until one device's feature fits this many bytes, then fine-tune")
     p.add_argument("--max-accuracy-drop", type=float, default=None,
                    help="how much accuracy the early exits may cost on validation data (default 0.005)")
@@ -163,48 +129,48 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("device", help="run a device agent: sensor -> device shard -> MQTT")
     p.add_argument("--bundle", type=Path, required=True)
-    p.add_argument("--device", type=_name, required=True, help="sensor name in the bundle, e.g. cam0")
+    p.add_argument("--device", type=name, required=True, help="sensor name in the bundle, e.g. cam0")
     _network_flags(p)
     _cell_flag(p)
     p.add_argument("--data", default="images", help="replay source: images, series, or a .npz file")
     p.add_argument("--split", choices=["train", "test", "all"], default="test")
     p.add_argument("--seed", type=int, default=0, help="seed of the built-in data")
-    p.add_argument("--rate", type=_positive(float), default=10.0, help="captures per second (default 10)")
-    p.add_argument("--count", type=_positive(int), help="stop after this many captures")
+    p.add_argument("--rate", type=positive(float), default=10.0, help="captures per second (default 10)")
+    p.add_argument("--count", type=positive(int), help="stop after this many captures")
     p.add_argument("--policy", choices=["request", "eager", "raw"], default="request",
                    help="request: features on demand (default); eager: with the scores; raw: raw samples")
-    p.add_argument("--threads", type=_positive(int), default=1)
+    p.add_argument("--threads", type=positive(int), default=1)
     _cache_flags(p, entries=256, max_bytes=1 << 20)
 
     p = sub.add_parser("gateway", help="run the gateway (fog node) of one cell")
     p.add_argument("--bundle", type=Path, required=True)
     _network_flags(p)
     _cell_flag(p)
-    p.add_argument("--name", type=_name, default="gw0")
-    p.add_argument("--deadline-ms", type=_positive(float), default=250.0)
-    p.add_argument("--feature-deadline-ms", type=_positive(float), default=500.0)
-    p.add_argument("--stats-period", type=_positive(float), default=5.0)
-    p.add_argument("--local-threshold", type=_unit_interval, default=None,
+    p.add_argument("--name", type=name, default="gw0")
+    p.add_argument("--deadline-ms", type=positive(float), default=250.0)
+    p.add_argument("--feature-deadline-ms", type=positive(float), default=500.0)
+    p.add_argument("--stats-period", type=positive(float), default=5.0)
+    p.add_argument("--local-threshold", type=unit_interval, default=None,
                    help="normalized-entropy exit threshold of the local exit (default: the bundle's)")
-    p.add_argument("--edge-threshold", type=_unit_interval, default=None,
+    p.add_argument("--edge-threshold", type=unit_interval, default=None,
                    help="normalized-entropy exit threshold of the edge exit (default: the bundle's)")
-    p.add_argument("--threads", type=_positive(int), default=1)
+    p.add_argument("--threads", type=positive(int), default=1)
     _cache_flags(p, entries=4096, max_bytes=64 << 20)
 
     p = sub.add_parser("cloud", help="run a cloud worker (shares the forward topics with other workers)")
     p.add_argument("--bundle", type=Path, required=True)
     _network_flags(p)
-    p.add_argument("--name", type=_name, default="cloud0")
+    p.add_argument("--name", type=name, default="cloud0")
     p.add_argument("--raw", action="store_true", help="cloud-only baseline: take raw samples, run everything")
-    p.add_argument("--threads", type=_positive(int), default=1)
+    p.add_argument("--threads", type=positive(int), default=1)
 
     p = sub.add_parser("broker", help="run the embedded MQTT broker")
-    p.add_argument("--port", type=_positive(int), default=1883)
+    p.add_argument("--port", type=positive(int), default=1883)
     p.add_argument("--host", default="127.0.0.1")
 
     p = sub.add_parser("watch", help="print status, results, stats and errors of a fleet")
     _network_flags(p)
-    p.add_argument("--count", type=_positive(int), help="stop after this many messages")
+    p.add_argument("--count", type=positive(int), help="stop after this many messages")
     return parser
 
 
@@ -222,15 +188,6 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def write_json(path: Path | None, body: dict, what: str = "report") -> None:
-    """Write a command's figures as JSON (creating the folder) and say where."""
-    if path is None:
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(body, indent=2) + "\n")
-    print(f"{what} written to {path}")
-
-
 def _wait_for_signal() -> None:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -239,7 +196,6 @@ def _wait_for_signal() -> None:
 
 
 def cmd_data(args) -> int:
-    from fogsplit.dataset import load_data, save_npz
     data = load_data(args.kind, seed=args.seed, events=args.events)
     save_npz(data, args.out)
     print(f"wrote {args.out}: {len(data)} events, sensors {data.sensor_names}, classes {list(data.classes)}")
@@ -262,7 +218,6 @@ def _export_options(args):
 
 
 def cmd_export(args) -> int:
-    from fogsplit.dataset import load_data
     from fogsplit.export.pipeline import export_bundle
     data = load_data(args.data, seed=args.seed, events=args.events)
     report = export_bundle(data, args.out, _export_options(args))
@@ -280,7 +235,6 @@ def cmd_export(args) -> int:
 
 
 def _replay_samples(args, sensor: str):
-    from fogsplit.dataset import load_data
     data = load_data(args.data, seed=args.seed)
     if sensor not in data.sensors:
         raise ValueError(f"--data {args.data} has no sensor {sensor!r} (it has {data.sensor_names})")
@@ -289,12 +243,6 @@ def _replay_samples(args, sensor: str):
 
 
 def cmd_device(args) -> int:
-    from fogsplit.device.agent import DeviceAgent
-    from fogsplit.device.sources import ReplaySource
-    from fogsplit.manifest import load_bundle
-    from fogsplit.mqtt import MqttTransport
-    from fogsplit.service import status_payload
-    from fogsplit.topics import Topics
 
     topics = Topics(args.fleet)
     probe = load_bundle(args.bundle, shards=[])
@@ -326,11 +274,6 @@ def _run_until_done(service, source=None) -> None:
 
 
 def cmd_gateway(args) -> int:
-    from fogsplit.gateway.gateway import Gateway, GatewaySettings
-    from fogsplit.manifest import load_bundle
-    from fogsplit.mqtt import MqttTransport
-    from fogsplit.service import status_payload
-    from fogsplit.topics import Topics
 
     topics = Topics(args.fleet)
     settings = GatewaySettings(deadline_ms=args.deadline_ms, feature_deadline_ms=args.feature_deadline_ms,
@@ -349,11 +292,6 @@ def cmd_gateway(args) -> int:
 
 
 def cmd_cloud(args) -> int:
-    from fogsplit.cloud.worker import CloudWorker, RawOffload
-    from fogsplit.manifest import load_bundle
-    from fogsplit.mqtt import MqttTransport
-    from fogsplit.service import status_payload
-    from fogsplit.topics import Topics
 
     topics = Topics(args.fleet)
     bundle = load_bundle(args.bundle, shards=None if args.raw else ["cloud"])
@@ -369,7 +307,6 @@ def cmd_cloud(args) -> int:
 
 
 def cmd_broker(args) -> int:
-    from fogsplit.broker import EmbeddedBroker
     with EmbeddedBroker(port=args.port, host=args.host) as url:
         print(f"embedded broker on {url} (Ctrl+C to stop)", flush=True)
         _wait_for_signal()
@@ -377,8 +314,6 @@ def cmd_broker(args) -> int:
 
 
 def cmd_watch(args) -> int:
-    from fogsplit.mqtt import MqttTransport
-    from fogsplit.topics import Topics
 
     topics = Topics(args.fleet)
     seen = threading.Semaphore(0)
@@ -405,7 +340,6 @@ def cmd_watch(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from fogsplit.demo import run_demo, format_report
     report = run_demo(data=args.data, broker=args.broker, events=args.events, rate=args.rate,
                       options=_export_options(args), workdir=args.workdir, fleet=args.fleet, cell=args.cell,
                       bundle=args.bundle)
@@ -414,11 +348,17 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def _bench_prune(argv: list[str]) -> int:
+    from fogsplit.bench import prune  # imports torch: only when asked for
+    return prune.main(argv)
+
+
+BENCH_MAINS = {"comm": bench_comm.main, "prune": _bench_prune, "cache": bench_cache.main, "broker": bench_broker.main}
+
+
 def cmd_bench(args) -> int:
-    """Each benchmark is a module of fogsplit.bench with its own ``main(argv)`` and flags."""
-    import importlib
-    module = importlib.import_module(f"fogsplit.bench.{args.name}")
-    return module.main(args.rest)
+    """Each benchmark has its own ``main(argv)`` and flags."""
+    return BENCH_MAINS[args.name](args.rest)
 
 
 COMMANDS = {"demo": cmd_demo, "bench": cmd_bench, "data": cmd_data, "export": cmd_export, "device": cmd_device,

@@ -16,33 +16,18 @@ import socket
 import ssl
 import threading
 import time
-from collections import defaultdict
 from dataclasses import dataclass
-from typing import Callable, Iterable, Protocol
+from typing import Callable, Iterable
 from urllib.parse import unquote, urlsplit
 
 import paho.mqtt.client as paho
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-log = logging.getLogger("fogsplit.mqtt")
+from fogsplit.core.transport import Handler, Message
+from fogsplit.core.wire import ALIAS_PROPERTY_BYTES, WireMeter, publish_packet_size
 
-
-@dataclass(frozen=True, slots=True)
-class Message:
-    topic: str
-    payload: bytes
-    retain: bool = False
-
-
-Handler = Callable[[Message], None]
-
-
-class Transport(Protocol):
-    def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False,
-                events: Iterable[int] = ()) -> int: ...
-    def subscribe(self, topic_filter: str, handler: Handler) -> None: ...
-    def close(self) -> None: ...
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -76,47 +61,6 @@ def parse_broker_url(url: str) -> BrokerURL:
 
 
 PROTOCOLS = ("auto", "5", "3.1.1")
-ALIAS_PROPERTY_BYTES = 3   # identifier 0x23 and a two-byte alias
-
-
-def _varint_len(value: int) -> int:
-    n = 1
-    while value >= 128 ** n:
-        n += 1
-    return n
-
-
-def publish_packet_size(topic: str, payload_len: int, qos: int, *, mqtt5: bool = False,
-                        properties_len: int = 0) -> int:
-    """Bytes of a PUBLISH packet on the wire; ``topic`` is what is sent ("" under an alias)."""
-    remaining = 2 + len(topic.encode()) + (2 if qos > 0 else 0) + payload_len
-    if mqtt5:
-        remaining += _varint_len(properties_len) + properties_len
-    return 1 + _varint_len(remaining) + remaining
-
-
-class WireMeter:
-    """Thread-safe tally of PUBLISH bytes, per event and per topic leaf."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.by_event: dict[int, float] = defaultdict(float)
-        self.by_leaf: dict[str, int] = defaultdict(int)
-        self.packets = 0
-
-    def charge(self, topic: str, nbytes: int, events: Iterable[int]) -> None:
-        events = list(events)
-        with self._lock:
-            self.packets += 1
-            self.by_leaf[topic.rsplit("/", 1)[-1]] += nbytes
-            for e in events:
-                self.by_event[e] += nbytes / len(events)
-
-    def snapshot(self) -> tuple[dict[int, float], dict[str, int]]:
-        with self._lock:
-            return dict(self.by_event), dict(self.by_leaf)
-
-
 class MqttTransport:
     """A paho client with automatic reconnect, re-subscription and a last will.
 

@@ -7,8 +7,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from fogsplit.errors import FrameError
-from fogsplit.exits import softmax
+from fogsplit.core.errors import FrameError
+from fogsplit.core.exits import softmax
 
 EXIT_TIERS = ("local", "edge", "cloud", "cache")  # cache: answered from a semantic cache (docs/cache.md)
 
