@@ -1,8 +1,12 @@
 """``fogsplit``: one command for every part.
 
+Each role command (device, gateway, cloud, export, broker, watch) reads its settings from
+defaults < ``--config FILE`` (TOML) < ``FOGSPLIT_*`` environment variables < its flags
+(docs/configuration.md); a flag is bound to one setting and judged by that setting's model.
+
 Only torch-bound modules (export's training and pruning) are imported inside the commands
-that need them, so the device command loads nothing but onnxruntime, numpy, paho-mqtt and
-msgpack (tests/test_device_is_light.py)."""
+that need them, so the device command loads nothing but onnxruntime, numpy, paho-mqtt,
+msgpack and msgspec (tests/test_device_is_light.py)."""
 from __future__ import annotations
 
 import argparse
@@ -12,65 +16,97 @@ import signal
 import sys
 import threading
 from pathlib import Path
+from typing import Any, Callable
+
+import msgspec
 
 from fogsplit.demo import format_report, run_demo
 from fogsplit.bench import broker as bench_broker, cache as bench_cache, comm as bench_comm
 from fogsplit.bench.embedded import EmbeddedBroker
-from fogsplit.bench.flags import broker_url, fraction, name, positive, unit_interval
+from fogsplit.bench.flags import broker_url, name, positive, setting
 from fogsplit.bench.report import write_json
 from fogsplit.cloud.worker import CloudWorker, RawOffload
-from fogsplit.core.cache import CacheSettings
+from fogsplit.core.config import Flag, Loaded, load_config, show
 from fogsplit.core.dataset import save_npz
 from fogsplit.core.errors import FogsplitError
 from fogsplit.core.manifest import load_bundle
 from fogsplit.core.mqtt import MqttTransport
-from fogsplit.core.service import status_payload
+from fogsplit.core.settings import ROLES, BrokerSettings, ExportConfig, ExportOptions
 from fogsplit.core.topics import Topics
+from fogsplit.core.validation import choices_of, field_doc, field_type
 from fogsplit.device.agent import DeviceAgent
 from fogsplit.device.sources import ReplaySource
 from fogsplit.export.datasets import load_data
-from fogsplit.gateway.gateway import Gateway, GatewaySettings
+from fogsplit.gateway.gateway import Gateway
 
 log = logging.getLogger(__name__)
 
 BENCHES = ("comm", "prune", "cache", "broker")
+FORMATS = ("toml", "json")
 
 
-def _prune_flags(p: argparse.ArgumentParser) -> None:
-    target = p.add_mutually_exclusive_group()
-    target.add_argument("--target-flops", type=fraction, default=None, metavar="R",
-                        help="prune every shard so that the FLOPs shrink by this fraction, e.g. 0.8")
-    target.add_argument("--target-params", type=fraction, default=None, metavar="R",
-                        help="prune every shard so that the parameters shrink by this fraction, e.g. 0.9")
+class Binder:
+    """Adds flags bound to settings of ``model``: no argparse default (an absent flag leaves
+    the file's or the environment's value), the help text and the bounds from the model."""
+
+    def __init__(self, parser: argparse.ArgumentParser | Any, model: type) -> None:
+        self.parser, self.model = parser, model
+        self.flags: list[tuple[str, str]] = []
+
+    def __call__(self, key: str, flag: str, parse: Callable[[str], Any] = str, *, help: str | None = None,
+                 on: Any = None, group: Any = None, **kwargs: Any) -> None:
+        description, default = field_doc(self.model, key)
+        text = help or description
+        if default is msgspec.NODEFAULT:
+            text += f" (required; setting {key})"
+        elif on is None and "default" not in text:
+            text += f" (default {'none' if default is None else default}; setting {key})"
+        else:
+            text += f" (setting {key})"
+        target = group or self.parser
+        if on is not None:
+            target.add_argument(flag, dest=key, action="store_const", const=on, default=None, help=text)
+        else:
+            choices = choices_of(field_type(self.model, tuple(key.split("."))))
+            plain = {int: "N", float: "NUM"}.get(parse, key.rsplit(".", 1)[-1].upper())
+            kwargs.setdefault("metavar", "{" + ",".join(choices) + "}" if choices else plain)
+            target.add_argument(flag, dest=key, type=setting(self.model, key, parse), default=None, help=text,
+                                **kwargs)
+        self.flags.append((key, flag))
+
+    def group(self) -> Any:
+        return self.parser.add_mutually_exclusive_group()
 
 
-def _network_flags(p: argparse.ArgumentParser, broker_default: str | None = "mqtt://127.0.0.1:1883") -> None:
-    p.add_argument("--broker", type=broker_url, default=broker_default,
-                   help="MQTT broker URL, mqtt://[user:pass@]host:port or mqtts://..."
-                        + ("" if broker_default is None else f" (default {broker_default})"))
-    p.add_argument("--fleet", type=name, default="demo", help="topic namespace of this fleet (default demo)")
+def _role(sub: Any, role: str, help: str) -> tuple[argparse.ArgumentParser, Binder]:
+    p = sub.add_parser(role, help=help, description=help + ". Settings: defaults < --config FILE < "
+                       "FOGSPLIT_* environment variables < flags (docs/configuration.md).")
+    p.add_argument("--config", type=Path, metavar="FILE", help="TOML settings file of this role")
+    bind = Binder(p, ROLES[role])
+    p.set_defaults(role=role, bound=bind.flags)
+    return p, bind
 
 
-def _cell_flag(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--cell", type=name, default="cell0", help="cell of co-located devices (default cell0)")
+def _broker_flags(bind: Binder) -> None:
+    bind("broker.url", "--broker", help="MQTT broker URL, mqtt://host:port or mqtts://host:port, no password")
+    bind("broker.username", "--username")
+    bind("broker.ca_file", "--ca-file")
+    bind("fleet", "--fleet", name)
 
 
-def _cache_flags(p: argparse.ArgumentParser, entries: int, max_bytes: int) -> None:
-    p.add_argument("--cache", action="store_true", help="answer repeated scenes from a semantic cache (docs/cache.md)")
-    p.add_argument("--cache-entries", type=int, default=entries, help=f"cache bound in entries (default {entries})")
-    p.add_argument("--cache-bytes", type=int, default=max_bytes, help=f"cache bound in bytes (default {max_bytes})")
-    p.add_argument("--cache-ttl", type=float, default=600.0, help="seconds an entry lives (default 600)")
-    p.add_argument("--cache-threshold", type=float, default=None,
-                   help="distance threshold in [0, 2] (default: the bundle's calibrated one)")
+def _cache_flags(bind: Binder, section: str) -> None:
+    bind(f"{section}.cache.enabled", "--cache", on=True,
+         help="answer repeated scenes from a semantic cache (docs/cache.md); any --cache-* flag implies it")
+    bind(f"{section}.cache.max_entries", "--cache-entries", int)
+    bind(f"{section}.cache.max_bytes", "--cache-bytes", int)
+    bind(f"{section}.cache.ttl_s", "--cache-ttl", float)
+    bind(f"{section}.cache.threshold", "--cache-threshold", float)
 
 
-def _cache_settings(args):
-    """The cache flags as CacheSettings (validated there), or None without --cache."""
-    if not args.cache:
-        return None
-    given = {"max_entries": args.cache_entries, "max_bytes": args.cache_bytes, "ttl_s": args.cache_ttl,
-             "threshold": args.cache_threshold}
-    return CacheSettings.from_dict({k: v for k, v in given.items() if v is not None}, "cache flags")
+def _prune_flags(bind: Binder) -> None:
+    target = bind.group()
+    bind("export.target_flops", "--target-flops", float, group=target, metavar="R")
+    bind("export.target_params", "--target-params", float, group=target, metavar="R")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,21 +115,24 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("demo", help="train, export, start every tier and stream the test set; print a report")
+    demo = Binder(p, ExportConfig)
     p.add_argument("--data", default="images", help="images, series, or a .npz file (default images)")
     p.add_argument("--broker", type=broker_url, default=None,
-                   help="use this broker instead of starting an embedded one")
+                   help="use this broker instead of starting an embedded one (no password: the demo "
+                        "connects anonymously)")
     p.add_argument("--fleet", type=name, default="demo")
-    _cell_flag(p)
+    p.add_argument("--cell", type=name, default="cell0", help="cell of co-located devices (default cell0)")
     p.add_argument("--json", type=Path, help="also write the report as JSON here")
     p.add_argument("--events", type=positive(int), help="how many events the built-in generator makes")
     p.add_argument("--rate", type=positive(float), default=25.0, help="captures per second (default 25)")
-    p.add_argument("--epochs", type=positive(int), default=None, help="training epochs")
-    p.add_argument("--seed", type=int, default=0)
+    demo("export.epochs", "--epochs", int)
+    demo("export.seed", "--seed", int)
     p.add_argument("--workdir", type=Path, help="where the bundle goes (default: a temporary directory)")
     p.add_argument("--bundle", type=Path,
                    help="stream through this exported bundle instead of training one (give the --data, "
                         "--events and --seed it was exported with, so its test split is unseen)")
-    _prune_flags(p)
+    _prune_flags(demo)
+    p.set_defaults(bound=demo.flags)
 
     p = sub.add_parser("bench", help="run a benchmark: " + ", ".join(BENCHES) + " (each takes --help)",
                        add_help=False)
@@ -106,71 +145,70 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--events", type=positive(int))
     p.add_argument("--seed", type=int, default=0)
 
-    p = sub.add_parser("export", help="train on a dataset and write a verified bundle of ONNX shards")
-    p.add_argument("--data", default="images", help="images, series, or a .npz file (default images)")
-    p.add_argument("--out", type=Path, required=True, help="bundle directory")
-    p.add_argument("--events", type=positive(int), help="how many events the built-in generator makes")
-    p.add_argument("--epochs", type=positive(int), default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--feature-channels", type=positive(int), default=None,
-                   help="channels of the split layer (what devices send)")
-    p.add_argument("--edge-fusion", choices=["max", "mean", "concat"], default=None)
-    p.add_argument("--local-fusion", choices=["max", "mean"], default=None)
-    p.add_argument("--feature-codec", choices=["fp32", "fp16", "int8", "sign"], default=None,
-                   help="how device features travel (default int8; sign: a binarized trunk, 1 bit a value)")
-    p.add_argument("--scores-codec", choices=["fp32", "fp16", "int8"], default=None,
-                   help="how device exit scores travel (default int8)")
-    p.add_argument("--feature-bytes", type=positive(int), default=None,
-                   help="prune the split layer until one device's feature fits this many bytes, then fine-tune")
-    p.add_argument("--max-accuracy-drop", type=float, default=None,
-                   help="how much accuracy the early exits may cost on validation data (default 0.005)")
-    _prune_flags(p)
-    p.add_argument("--no-progress", action="store_true")
+    p, bind = _role(sub, "export", "train on a dataset and write a verified bundle of ONNX shards")
+    bind("data", "--data")
+    bind("out", "--out", help="bundle directory")
+    bind("events", "--events", int)
+    bind("export.epochs", "--epochs", int)
+    bind("export.seed", "--seed", int)
+    bind("export.feature_channels", "--feature-channels", int)
+    bind("export.edge_fusion", "--edge-fusion")
+    bind("export.local_fusion", "--local-fusion")
+    bind("export.feature_codec", "--feature-codec")
+    bind("export.scores_codec", "--scores-codec")
+    bind("export.feature_bytes", "--feature-bytes", int)
+    bind("export.max_accuracy_drop", "--max-accuracy-drop", float)
+    _prune_flags(bind)
+    bind("export.progress", "--no-progress", on=False, help="no progress bars")
 
-    p = sub.add_parser("device", help="run a device agent: sensor -> device shard -> MQTT")
-    p.add_argument("--bundle", type=Path, required=True)
-    p.add_argument("--device", type=name, required=True, help="sensor name in the bundle, e.g. cam0")
-    _network_flags(p)
-    _cell_flag(p)
-    p.add_argument("--data", default="images", help="replay source: images, series, or a .npz file")
-    p.add_argument("--split", choices=["train", "test", "all"], default="test")
-    p.add_argument("--seed", type=int, default=0, help="seed of the built-in data")
-    p.add_argument("--rate", type=positive(float), default=10.0, help="captures per second (default 10)")
-    p.add_argument("--count", type=positive(int), help="stop after this many captures")
-    p.add_argument("--policy", choices=["request", "eager", "raw"], default="request",
-                   help="request: features on demand (default); eager: with the scores; raw: raw samples")
-    p.add_argument("--threads", type=positive(int), default=1)
-    _cache_flags(p, entries=256, max_bytes=1 << 20)
+    p, bind = _role(sub, "device", "run a device agent: sensor -> device shard -> MQTT")
+    bind("bundle", "--bundle")
+    bind("name", "--device", name, help="sensor name in the bundle, e.g. cam0")
+    _broker_flags(bind)
+    bind("cell", "--cell", name)
+    bind("data", "--data")
+    bind("split", "--split")
+    bind("seed", "--seed", int)
+    bind("count", "--count", int)
+    bind("device.rate", "--rate", float)
+    bind("device.policy", "--policy")
+    bind("device.threads", "--threads", int)
+    _cache_flags(bind, "device")
 
-    p = sub.add_parser("gateway", help="run the gateway (fog node) of one cell")
-    p.add_argument("--bundle", type=Path, required=True)
-    _network_flags(p)
-    _cell_flag(p)
-    p.add_argument("--name", type=name, default="gw0")
-    p.add_argument("--deadline-ms", type=positive(float), default=250.0)
-    p.add_argument("--feature-deadline-ms", type=positive(float), default=500.0)
-    p.add_argument("--stats-period", type=positive(float), default=5.0)
-    p.add_argument("--local-threshold", type=unit_interval, default=None,
-                   help="normalized-entropy exit threshold of the local exit (default: the bundle's)")
-    p.add_argument("--edge-threshold", type=unit_interval, default=None,
-                   help="normalized-entropy exit threshold of the edge exit (default: the bundle's)")
-    p.add_argument("--threads", type=positive(int), default=1)
-    _cache_flags(p, entries=4096, max_bytes=64 << 20)
+    p, bind = _role(sub, "gateway", "run the gateway (fog node) of one cell")
+    bind("bundle", "--bundle")
+    _broker_flags(bind)
+    bind("cell", "--cell", name)
+    bind("name", "--name", name)
+    bind("gateway.deadline_ms", "--deadline-ms", float)
+    bind("gateway.feature_deadline_ms", "--feature-deadline-ms", float)
+    bind("gateway.stats_period_s", "--stats-period", float)
+    bind("gateway.local_threshold", "--local-threshold", float)
+    bind("gateway.edge_threshold", "--edge-threshold", float)
+    bind("gateway.threads", "--threads", int)
+    _cache_flags(bind, "gateway")
 
-    p = sub.add_parser("cloud", help="run a cloud worker (shares the forward topics with other workers)")
-    p.add_argument("--bundle", type=Path, required=True)
-    _network_flags(p)
-    p.add_argument("--name", type=name, default="cloud0")
-    p.add_argument("--raw", action="store_true", help="cloud-only baseline: take raw samples, run everything")
-    p.add_argument("--threads", type=positive(int), default=1)
+    p, bind = _role(sub, "cloud", "run a cloud worker (shares the forward topics with other workers)")
+    bind("bundle", "--bundle")
+    _broker_flags(bind)
+    bind("name", "--name", name)
+    bind("raw", "--raw", on=True)
+    bind("cloud.threads", "--threads", int)
 
-    p = sub.add_parser("broker", help="run the embedded MQTT broker")
-    p.add_argument("--port", type=positive(int), default=1883)
-    p.add_argument("--host", default="127.0.0.1")
+    p, bind = _role(sub, "broker", "run the embedded MQTT broker")
+    bind("port", "--port", int)
+    bind("host", "--host")
 
-    p = sub.add_parser("watch", help="print status, results, stats and errors of a fleet")
-    _network_flags(p)
-    p.add_argument("--count", type=positive(int), help="stop after this many messages")
+    p, bind = _role(sub, "watch", "print status, results, stats and errors of a fleet")
+    _broker_flags(bind)
+    bind("count", "--count", int)
+
+    p = sub.add_parser("config", help="show a role's effective settings (secrets masked)")
+    p.add_argument("action", choices=["show"])
+    p.add_argument("--role", choices=sorted(ROLES), required=True)
+    p.add_argument("--config", type=Path, metavar="FILE", help="TOML settings file of that role")
+    p.add_argument("--format", choices=FORMATS, default="toml",
+                   help="toml: each key with where it came from (default); json")
     return parser
 
 
@@ -188,77 +226,23 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def load(args: argparse.Namespace) -> Loaded:
+    """The settings of the role ``args`` came from: file, environment, then the flags given."""
+    flags = [Flag(key, flag, getattr(args, key)) for key, flag in args.bound]
+    return load_config(args.role, path=args.config, flags=flags)
+
+
+def _transport(broker: BrokerSettings, client_id: str) -> MqttTransport:
+    """The connection of a service; the service sets its own presence (birth and will) on it."""
+    return MqttTransport(broker.url, client_id, username=broker.username, password=broker.secret,
+                         keepalive=broker.keepalive, ca_file=broker.ca_file, protocol=broker.protocol)
+
+
 def _wait_for_signal() -> None:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     stop.wait()
-
-
-def cmd_data(args) -> int:
-    data = load_data(args.kind, seed=args.seed, events=args.events)
-    save_npz(data, args.out)
-    print(f"wrote {args.out}: {len(data)} events, sensors {data.sensor_names}, classes {list(data.classes)}")
-    return 0
-
-
-def _export_options(args):
-    from fogsplit.export.pipeline import ExportOptions
-    given = {"epochs": args.epochs, "seed": args.seed,
-             "feature_channels": getattr(args, "feature_channels", None),
-             "edge_fusion": getattr(args, "edge_fusion", None), "local_fusion": getattr(args, "local_fusion", None),
-             "feature_codec": getattr(args, "feature_codec", None),
-             "scores_codec": getattr(args, "scores_codec", None),
-             "feature_bytes": getattr(args, "feature_bytes", None),
-             "max_accuracy_drop": getattr(args, "max_accuracy_drop", None),
-             "target_flops": getattr(args, "target_flops", None),
-             "target_params": getattr(args, "target_params", None),
-             "progress": not getattr(args, "no_progress", False)}
-    return ExportOptions(**{k: v for k, v in given.items() if v is not None})
-
-
-def cmd_export(args) -> int:
-    from fogsplit.export.pipeline import export_bundle
-    data = load_data(args.data, seed=args.seed, events=args.events)
-    report = export_bundle(data, args.out, _export_options(args))
-    m = report.manifest
-    print(f"bundle {m.model_id} in {report.path}")
-    for s in m.shards:
-        print(f"  {s.file:<22} {s.tier:<8} {s.params:>8} params {s.flops / 1e6:>8.2f} MFLOPs")
-    if m.compression:
-        c = m.compression
-        print(f"  pruned to a {c['metric']} cut of {c['target']:.3f}: FLOPs -{100 * c['flops_cut']:.1f}%, "
-              f"params -{100 * c['params_cut']:.1f}% ("
-              + ", ".join(f"{n} -{100 * v['flops_cut']:.1f}%" for n, v in c["shards"].items()) + " FLOPs)")
-    print(f"  thresholds {m.thresholds}; test metrics {json.dumps(m.metrics['test_exit_accuracy'])}")
-    return 0
-
-
-def _replay_samples(args, sensor: str):
-    data = load_data(args.data, seed=args.seed)
-    if sensor not in data.sensors:
-        raise ValueError(f"--data {args.data} has no sensor {sensor!r} (it has {data.sensor_names})")
-    part = data if args.split == "all" else (data.test() if args.split == "test" else data.train())
-    return part.sensors[sensor]
-
-
-def cmd_device(args) -> int:
-
-    topics = Topics(args.fleet)
-    probe = load_bundle(args.bundle, shards=[])
-    shards = [] if args.policy == "raw" else [probe.manifest.device_shard(args.device).name]
-    bundle = load_bundle(args.bundle, shards=shards)
-    source = ReplaySource(_replay_samples(args, args.device), rate=args.rate, count=args.count,
-                          loop=args.count is None)
-    transport = MqttTransport(args.broker, f"{args.fleet}-{args.cell}-{args.device}",
-                              will=(topics.device_status(args.cell, args.device), status_payload("offline")))
-    agent = DeviceAgent(transport, topics, bundle, cell=args.cell, device=args.device, source=source,
-                        policy=args.policy, threads=args.threads, cache=_cache_settings(args))
-    transport.connect()
-    agent.start()
-    _run_until_done(agent, source)
-    transport.close()
-    return 0
 
 
 def _run_until_done(service, source=None) -> None:
@@ -273,64 +257,118 @@ def _run_until_done(service, source=None) -> None:
     service.stop()
 
 
-def cmd_gateway(args) -> int:
-
-    topics = Topics(args.fleet)
-    settings = GatewaySettings(deadline_ms=args.deadline_ms, feature_deadline_ms=args.feature_deadline_ms,
-                               stats_period_s=args.stats_period, threads=args.threads,
-                               local_threshold=args.local_threshold, edge_threshold=args.edge_threshold,
-                               cache=_cache_settings(args))
-    bundle = load_bundle(args.bundle, shards=["gateway"])
-    transport = MqttTransport(args.broker, f"{args.fleet}-{args.cell}-{args.name}",
-                              will=(topics.gateway_status(args.cell, args.name), status_payload("offline")))
-    gateway = Gateway(transport, topics, bundle, cell=args.cell, gateway=args.name, settings=settings)
+def _serve(transport: MqttTransport, service, source=None) -> int:
     transport.connect()
-    gateway.start()
-    _run_until_done(gateway)
+    service.start()
+    _run_until_done(service, source)
     transport.close()
     return 0
+
+
+def cmd_config(args) -> int:
+    print(show(load_config(args.role, path=args.config), args.format), end="")
+    return 0
+
+
+def cmd_data(args) -> int:
+    data = load_data(args.kind, seed=args.seed, events=args.events)
+    save_npz(data, args.out)
+    print(f"wrote {args.out}: {len(data)} events, sensors {data.sensor_names}, classes {list(data.classes)}")
+    return 0
+
+
+def _export_options(args) -> ExportOptions:
+    """``export``: its whole configuration's options; ``demo``: the export flags it has."""
+    if getattr(args, "role", None) == "export":
+        return load(args).config.export
+    given = {key.split(".", 1)[1]: getattr(args, key) for key, _ in args.bound}
+    return ExportOptions(**{k: v for k, v in given.items() if v is not None})
+
+
+def cmd_export(args) -> int:
+    from fogsplit.export.pipeline import export_bundle
+    config = load(args).config
+    data = load_data(config.data, seed=config.export.seed, events=config.events)
+    report = export_bundle(data, Path(config.out), config.export)
+    m = report.manifest
+    print(f"bundle {m.model_id} in {report.path}")
+    for s in m.shards:
+        print(f"  {s.file:<22} {s.tier:<8} {s.params:>8} params {s.flops / 1e6:>8.2f} MFLOPs")
+    if m.compression:
+        c = m.compression
+        print(f"  pruned to a {c['metric']} cut of {c['target']:.3f}: FLOPs -{100 * c['flops_cut']:.1f}%, "
+              f"params -{100 * c['params_cut']:.1f}% ("
+              + ", ".join(f"{n} -{100 * v['flops_cut']:.1f}%" for n, v in c["shards"].items()) + " FLOPs)")
+    print(f"  thresholds {m.thresholds}; test metrics {json.dumps(m.metrics['test_exit_accuracy'])}")
+    return 0
+
+
+def _replay_samples(config, sensor: str):
+    data = load_data(config.data, seed=config.seed)
+    if sensor not in data.sensors:
+        raise ValueError(f"data {config.data} has no sensor {sensor!r} (it has {data.sensor_names})")
+    part = data if config.split == "all" else (data.test() if config.split == "test" else data.train())
+    return part.sensors[sensor]
+
+
+def cmd_device(args) -> int:
+    config = load(args).config
+    topics, s = Topics(config.fleet), config.device
+    probe = load_bundle(config.bundle, shards=[])
+    shards = [] if s.policy == "raw" else [probe.manifest.device_shard(config.name).name]
+    bundle = load_bundle(config.bundle, shards=shards)
+    source = ReplaySource(_replay_samples(config, config.name), rate=s.rate, count=config.count,
+                          loop=config.count is None)
+    transport = _transport(config.broker, f"{config.fleet}-{config.cell}-{config.name}")
+    agent = DeviceAgent(transport, topics, bundle, cell=config.cell, device=config.name, source=source, settings=s)
+    return _serve(transport, agent, source)
+
+
+def cmd_gateway(args) -> int:
+    config = load(args).config
+    topics = Topics(config.fleet)
+    bundle = load_bundle(config.bundle, shards=["gateway"])
+    transport = _transport(config.broker, f"{config.fleet}-{config.cell}-{config.name}")
+    gateway = Gateway(transport, topics, bundle, cell=config.cell, gateway=config.name, settings=config.gateway)
+    return _serve(transport, gateway)
 
 
 def cmd_cloud(args) -> int:
-
-    topics = Topics(args.fleet)
-    bundle = load_bundle(args.bundle, shards=None if args.raw else ["cloud"])
-    transport = MqttTransport(args.broker, f"{args.fleet}-{args.name}",
-                              will=(topics.cloud_status(args.name), status_payload("offline")))
-    worker = RawOffload(transport, topics, bundle, threads=args.threads) if args.raw else \
-        CloudWorker(transport, topics, bundle, worker=args.name, threads=args.threads)
-    transport.connect()
-    worker.start()
-    _run_until_done(worker)
-    transport.close()
-    return 0
+    config = load(args).config
+    topics = Topics(config.fleet)
+    bundle = load_bundle(config.bundle, shards=None if config.raw else ["cloud"])
+    transport = _transport(config.broker, f"{config.fleet}-{config.name}")
+    worker = RawOffload(transport, topics, bundle, settings=config.cloud) if config.raw else \
+        CloudWorker(transport, topics, bundle, worker=config.name, settings=config.cloud)
+    return _serve(transport, worker)
 
 
 def cmd_broker(args) -> int:
-    with EmbeddedBroker(port=args.port, host=args.host) as url:
+    config = load(args).config
+    with EmbeddedBroker(port=config.port, host=config.host) as url:
         print(f"embedded broker on {url} (Ctrl+C to stop)", flush=True)
         _wait_for_signal()
     return 0
 
 
 def cmd_watch(args) -> int:
-
-    topics = Topics(args.fleet)
+    config = load(args).config
+    topics = Topics(config.fleet)
     seen = threading.Semaphore(0)
     data_leaves = ("scores", "feature", "raw", "request", "forward")
 
-    def show(msg) -> None:
+    def show_message(msg) -> None:
         if msg.topic.rsplit("/", 1)[-1] in data_leaves:
             return
         print(f"{msg.topic} {msg.payload.decode(errors='replace')}", flush=True)
         seen.release()
 
-    transport = MqttTransport(args.broker, f"watch-{threading.get_ident()}")
-    transport.subscribe(f"{topics.root}/#", show)
+    transport = _transport(config.broker, f"watch-{threading.get_ident()}")
+    transport.subscribe(f"{topics.root}/#", show_message)
     transport.connect()
     try:
-        if args.count:
-            for _ in range(args.count):
+        if config.count:
+            for _ in range(config.count):
                 seen.acquire()
         else:
             _wait_for_signal()
@@ -362,7 +400,8 @@ def cmd_bench(args) -> int:
 
 
 COMMANDS = {"demo": cmd_demo, "bench": cmd_bench, "data": cmd_data, "export": cmd_export, "device": cmd_device,
-            "gateway": cmd_gateway, "cloud": cmd_cloud, "broker": cmd_broker, "watch": cmd_watch}
+            "gateway": cmd_gateway, "cloud": cmd_cloud, "broker": cmd_broker, "watch": cmd_watch,
+            "config": cmd_config}
 
 
 if __name__ == "__main__":

@@ -3,9 +3,14 @@ that names the value and what it must be."""
 from __future__ import annotations
 
 import argparse
+from typing import Any, Callable
 
-from fogsplit.core.mqtt import parse_broker_url
+import msgspec
+
+from fogsplit.core.errors import ConfigError
+from fogsplit.core.settings import BrokerSettings
 from fogsplit.core.topics import check_name
+from fogsplit.core.validation import check_field, field_type, table_of
 
 
 def positive(kind):
@@ -51,8 +56,35 @@ def name(text: str) -> str:
 
 
 def broker_url(text: str) -> str:
-    try:
-        parse_broker_url(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    return text
+    """An MQTT URL without user or password (those come from settings and the environment)."""
+    return setting(BrokerSettings, "url")(text)
+
+
+def setting(model: type, key: str, parse: Callable[[str], Any] = str) -> Callable[[str], Any]:
+    """The argparse type of a flag bound to the setting ``key`` (dotted) of ``model``: ``parse``
+    reads the text, then the model's own bounds and checks judge it, so that they live in one
+    place and the refusal still names the flag."""
+    *table_path, name = key.split(".")
+    table = table_of(field_type(model, tuple(table_path))) if table_path else model
+
+    def check(text: str) -> Any:
+        try:
+            value = parse(text)
+        except argparse.ArgumentTypeError:
+            raise
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {_KINDS.get(parse, 'valid')}") from None
+        try:
+            if all(not f.required for f in msgspec.structs.fields(table)):
+                table(**{name: value})      # the model's cross-field checks too
+            else:
+                check_field(table, name, value)
+        except ConfigError as exc:
+            problem = str(exc).split(": ", 1)[-1]
+            raise argparse.ArgumentTypeError(f"{text!r}: {problem}") from None
+        return value
+    check.__name__ = parse.__name__     # argparse's "invalid <name> value" names the kind
+    return check
+
+
+_KINDS = {int: "an integer", float: "a number", str: "text"}

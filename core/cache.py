@@ -15,72 +15,23 @@ is configured to grow past ``ann_above`` entries) once it is larger; both sit be
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
+import msgspec
 import numpy as np
 
 from fogsplit.core.errors import ConfigError
+from fogsplit.core.settings import CacheSettings
+from fogsplit.core.validation import check_field
 
 if TYPE_CHECKING:
     from fogsplit.core.manifest import CacheSpec
 
-ANN_LIBRARIES = ("hnswlib",)
 _GROW_FROM = 64
 _HNSW_M = 16
 _HNSW_EF_CONSTRUCTION = 100
 _HNSW_EF_SEARCH = 64
-
-
-@dataclass(frozen=True)
-class CacheSettings:
-    """What an operator sets for one cache; bounds are checked here and nowhere else.
-
-    ``threshold``, ``k`` and ``min_agreement`` left as None come from the bundle's calibration
-    (:func:`resolve`); set, they override it.
-    """
-
-    enabled: bool = True
-    max_entries: int = 4096
-    max_bytes: int = 64 << 20
-    ttl_s: float = 600.0
-    k: int | None = None
-    threshold: float | None = None
-    min_agreement: float | None = None
-    ann_above: int = 1024
-    ann: str = "hnswlib"
-
-    def __post_init__(self) -> None:
-        checks = {
-            "enabled": isinstance(self.enabled, bool),
-            "max_entries": _is_int(self.max_entries) and 1 <= self.max_entries <= 10_000_000,
-            "max_bytes": _is_int(self.max_bytes) and 1024 <= self.max_bytes <= 1 << 36,
-            "ttl_s": _is_number(self.ttl_s) and 0 < self.ttl_s <= 30 * 86400,
-            "k": self.k is None or (_is_int(self.k) and 1 <= self.k <= 64),
-            "threshold": self.threshold is None or (_is_number(self.threshold) and 0 <= self.threshold <= 2),
-            "min_agreement": self.min_agreement is None or (
-                _is_number(self.min_agreement) and 0.5 < self.min_agreement <= 1),
-            "ann_above": _is_int(self.ann_above) and self.ann_above >= 64,
-            "ann": self.ann in ANN_LIBRARIES,
-        }
-        bad = [name for name, ok in checks.items() if not ok]
-        if bad:
-            raise ConfigError("cache settings out of bounds: " + ", ".join(
-                f"{name}={getattr(self, name)!r} ({_BOUNDS[name]})" for name in bad))
-
-    @classmethod
-    def from_dict(cls, body: dict, where: str = "cache settings") -> "CacheSettings":
-        """Settings from JSON-like data; unknown keys are refused, missing ones take defaults."""
-        if not isinstance(body, dict):
-            raise ConfigError(f"{where}: must be an object, got {type(body).__name__}")
-        names = {f.name for f in fields(cls)}
-        unknown = set(body) - names
-        if unknown:
-            raise ConfigError(f"{where}: unknown keys {sorted(unknown)}; known: {sorted(names)}")
-        return cls(**body)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def resolve(settings: CacheSettings, calibration: "CacheSpec | None", key_space: str) -> CacheSettings:
@@ -90,28 +41,11 @@ def resolve(settings: CacheSettings, calibration: "CacheSpec | None", key_space:
         if settings.threshold is None:
             raise ConfigError("the bundle has no cache calibration (exported before the cache existed): "
                               "give the cache a threshold, or re-export")
-        return replace(settings, k=settings.k or 4, min_agreement=settings.min_agreement or 1.0)
+        return msgspec.structs.replace(settings, k=settings.k or 4, min_agreement=settings.min_agreement or 1.0)
     point = getattr(calibration, key_space)
-    return replace(settings, k=settings.k or calibration.k,
+    return msgspec.structs.replace(settings, k=settings.k or calibration.k,
                    threshold=point.threshold if settings.threshold is None else settings.threshold,
                    min_agreement=settings.min_agreement or calibration.min_agreement)
-
-
-_BOUNDS = {
-    "enabled": "true or false", "max_entries": "an integer 1..10000000",
-    "max_bytes": "an integer 1024..2**36", "ttl_s": "seconds, positive, at most 30 days",
-    "k": "an integer 1..64", "threshold": "an L2 distance between unit vectors, 0..2",
-    "min_agreement": "a fraction in (0.5, 1]", "ann_above": "an integer >= 64",
-    "ann": f"one of {ANN_LIBRARIES}",
-}
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def normalise(vector: np.ndarray) -> np.ndarray:
@@ -305,8 +239,9 @@ class SemanticCache:
         return arrays + ann
 
     def set_threshold(self, threshold: float) -> None:
-        if not _is_number(threshold) or not 0 <= threshold <= 2:
-            raise ConfigError(f"cache threshold must be a distance in [0, 2], got {threshold!r}")
+        if threshold is None:
+            raise ConfigError("cache threshold must be a distance in [0, 2], got None")
+        check_field(CacheSettings, "threshold", threshold)
         self.threshold = float(threshold)
 
     # -- lookup and fill ------------------------------------------------------------------

@@ -7,21 +7,24 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import MISSING, asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Annotated, Literal
 
+import msgspec
 import numpy as np
 
 from fogsplit.core.codecs import CodecSpec, payload_bytes
 from fogsplit.core.errors import BundleError
 from fogsplit.core.frames import FEATURE, FORWARD, RAW, SCORES, Expect
+from fogsplit.core.validation import load
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 TIERS = ("device", "gateway", "cloud")
 FUSIONS = ("max", "mean", "concat")
-COMPRESSION_KEYS = ("metric", "target", "flops_cut", "params_cut", "shards")
-SHARD_COMPRESSION_KEYS = ("flops", "params", "flops_dense", "params_dense", "flops_cut", "params_cut")
+Cut = Annotated[float, msgspec.Meta(ge=0, lt=1, description="a fraction in [0, 1)")]
+Distance = Annotated[float, msgspec.Meta(ge=0, le=2, description="an L2 distance between unit vectors")]
 
 
 @dataclass(frozen=True)
@@ -49,7 +52,7 @@ class ShardSpec:
 class CachePoint:
     """A calibrated cache threshold and what it gave on held-out data (leave-one-out)."""
 
-    threshold: float          # L2 distance between unit-norm keys, in [0, 2]
+    threshold: Distance       # between unit-norm keys
     hit_rate: float           # share of held-out events the cache answered
     hit_accuracy: float       # accuracy of those answers
     model_accuracy: float     # the model's accuracy on the same events
@@ -61,15 +64,38 @@ class CacheSpec:
     """The semantic cache's calibration: one threshold per key space (fused gateway feature,
     a device's own feature), the neighbours it votes over and the agreement it needs."""
 
-    k: int
-    min_agreement: float
-    quorum: float             # share of an event's devices whose own caches must hit, all agreeing
-    max_accuracy_loss: float
+    k: Annotated[int, msgspec.Meta(ge=1, le=64)]
+    min_agreement: Annotated[float, msgspec.Meta(gt=0.5, le=1)]
+    quorum: Annotated[float, msgspec.Meta(gt=0, le=1)]   # share of an event's devices whose caches must hit
+    max_accuracy_loss: Annotated[float, msgspec.Meta(ge=0, le=1)]
     gateway: CachePoint
     device: CachePoint
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+class ShardCompression(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    flops: int
+    params: int
+    flops_dense: int
+    params_dense: int
+    flops_cut: Cut
+    params_cut: Cut
+
+
+class CompressionReport(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The shape of ``Manifest.compression`` when pruning cut the network (kept a dict there)."""
+
+    metric: Literal["flops", "params"]
+    target: Cut
+    flops_cut: Cut
+    params_cut: Cut
+    shards: dict[str, ShardCompression]
+
+
+COMPRESSION_KEYS = tuple(CompressionReport.__struct_fields__)
+SHARD_COMPRESSION_KEYS = tuple(ShardCompression.__struct_fields__)
 
 
 @dataclass(frozen=True)
@@ -84,7 +110,7 @@ class Manifest:
     codecs: dict[str, CodecSpec]
     dataset: str = ""
     metrics: dict = field(default_factory=dict)
-    compression: dict = field(default_factory=dict)   # empty, or what pruning cut (see COMPRESSION_KEYS)
+    compression: dict = field(default_factory=dict)   # empty, or what pruning cut (a CompressionReport)
     schema: int = SCHEMA_VERSION
     cache: CacheSpec | None = None
 
@@ -164,38 +190,14 @@ def write_manifest(manifest: Manifest, bundle_dir: Path) -> Manifest:
 
 
 def parse_manifest(data: dict, source: str = MANIFEST) -> Manifest:
-    """Build a :class:`Manifest` from JSON, refusing unknown or missing keys."""
-    def need(obj: dict, cls: type, where: str) -> dict:
-        if not isinstance(obj, dict):
-            raise BundleError(f"{source}: {where} must be an object")
-        names = set(cls.__dataclass_fields__)
-        unknown = set(obj) - names
-        if unknown:
-            raise BundleError(f"{source}: unknown keys {sorted(unknown)} in {where}")
-        required = {n for n, f in cls.__dataclass_fields__.items()
-                    if f.default is MISSING and f.default_factory is MISSING}
-        missing = required - set(obj)
-        if missing:
-            raise BundleError(f"{source}: missing keys {sorted(missing)} in {where}")
-        return obj
-
-    need(data, Manifest, "the manifest")
+    """Build a :class:`Manifest` from JSON, refusing unknown or missing keys and bad values."""
+    if not isinstance(data, dict):
+        raise BundleError(f"{source}: the manifest must be an object")
     if data.get("schema") != SCHEMA_VERSION:
         raise BundleError(f"{source}: schema {data.get('schema')!r}, this version reads {SCHEMA_VERSION}")
-    try:
-        sensors = tuple(SensorSpec(**{**need(s, SensorSpec, "a sensor"), "shape": tuple(s["shape"])})
-                        for s in data["sensors"])
-        shards = tuple(ShardSpec(**need(s, ShardSpec, "a shard")) for s in data["shards"])
-        codecs = {k: CodecSpec.from_dict(v) for k, v in data["codecs"].items()}
-        cache = None
-        if "cache" in data:
-            body = need(data["cache"], CacheSpec, "cache")
-            cache = CacheSpec(**{**body, **{key: CachePoint(**need(body[key], CachePoint, f"cache.{key}"))
-                                            for key in ("gateway", "device")}})
-        manifest = Manifest(**{**data, "classes": tuple(data["classes"]), "sensors": sensors,
-                               "shards": shards, "codecs": codecs, "cache": cache})
-    except (TypeError, ValueError, KeyError) as exc:
-        raise BundleError(f"{source}: {exc}") from exc
+    manifest = load(data, Manifest, source, BundleError, top="the manifest")
+    if manifest.compression:
+        load(manifest.compression, CompressionReport, source, BundleError, top="compression", prefix="compression")
     _check_consistency(manifest, source)
     return manifest
 
@@ -220,8 +222,6 @@ def _check_consistency(m: Manifest, source: str) -> None:
         t = m.thresholds.get(tier)
         if not isinstance(t, (int, float)) or not 0.0 <= t <= 1.0:
             raise BundleError(f"{source}: exit threshold {tier!r} must be a number in [0, 1], got {t!r}")
-    if m.cache is not None:
-        _check_cache(m.cache, source)
     for stream in ("scores", "feature", "forward"):
         if stream not in m.codecs:
             raise BundleError(f"{source}: no codec for {stream!r}")
@@ -231,45 +231,10 @@ def _check_consistency(m: Manifest, source: str) -> None:
 
 
 def _check_compression(m: Manifest, source: str) -> None:
-    """Empty, or exactly :data:`COMPRESSION_KEYS` with cuts in [0, 1) and one entry per shard."""
-    c = m.compression
-    if not c:
-        return
-    if set(c) != set(COMPRESSION_KEYS):
-        raise BundleError(f"{source}: compression must have the keys {list(COMPRESSION_KEYS)}, got {sorted(c)}")
-    if c["metric"] not in ("flops", "params"):
-        raise BundleError(f"{source}: compression metric must be flops or params, got {c['metric']!r}")
-    fractions = [("target", c["target"]), ("flops_cut", c["flops_cut"]), ("params_cut", c["params_cut"])]
-    shards = c["shards"]
-    if not isinstance(shards, dict) or set(shards) != {s.name for s in m.shards}:
-        raise BundleError(f"{source}: compression must describe every shard, got {shards!r:.80}")
-    for name, entry in shards.items():
-        if not isinstance(entry, dict) or set(entry) != set(SHARD_COMPRESSION_KEYS):
-            raise BundleError(f"{source}: compression of shard {name!r} must have the keys "
-                              f"{list(SHARD_COMPRESSION_KEYS)}")
-        fractions += [(f"{name}.flops_cut", entry["flops_cut"]), (f"{name}.params_cut", entry["params_cut"])]
-    for key, value in fractions:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
-            raise BundleError(f"{source}: compression {key} must be a fraction in [0, 1), got {value!r}")
-
-
-def _check_cache(cache: CacheSpec, source: str) -> None:
-    def number(value: object) -> bool:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-    if not isinstance(cache.k, int) or isinstance(cache.k, bool) or not 1 <= cache.k <= 64:
-        raise BundleError(f"{source}: cache.k must be an integer 1..64, got {cache.k!r}")
-    if not number(cache.min_agreement) or not 0.5 < cache.min_agreement <= 1:
-        raise BundleError(f"{source}: cache.min_agreement must be in (0.5, 1], got {cache.min_agreement!r}")
-    if not number(cache.quorum) or not 0 < cache.quorum <= 1:
-        raise BundleError(f"{source}: cache.quorum must be in (0, 1], got {cache.quorum!r}")
-    if not number(cache.max_accuracy_loss) or not 0 <= cache.max_accuracy_loss <= 1:
-        raise BundleError(f"{source}: cache.max_accuracy_loss must be in [0, 1], got {cache.max_accuracy_loss!r}")
-    for key in ("gateway", "device"):
-        point = getattr(cache, key)
-        if not number(point.threshold) or not 0 <= point.threshold <= 2:
-            raise BundleError(f"{source}: cache.{key}.threshold must be a distance in [0, 2], "
-                              f"got {point.threshold!r}")
+    """Pruning's report (its shape checked by :class:`CompressionReport`) covers every shard."""
+    shards = m.compression.get("shards", {})
+    if m.compression and set(shards) != {s.name for s in m.shards}:
+        raise BundleError(f"{source}: compression must describe every shard, got {sorted(shards)}")
 
 
 @dataclass(frozen=True)

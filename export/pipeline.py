@@ -17,6 +17,7 @@ from fogsplit.core.wire import ALIAS_PROPERTY_BYTES, publish_packet_size
 from fogsplit.core.topics import Topics
 from fogsplit.core.dataset import Dataset
 from fogsplit.core.manifest import CacheSpec, Manifest, SensorSpec, write_manifest
+from fogsplit.core.settings import ExportOptions  # defined with every other setting; re-exported here
 
 from fogsplit.export.cache_calibrate import calibrate_cache_threshold, calibrate_cell_threshold
 from fogsplit.export.calibrate import calibrate_thresholds, simulate_cascade
@@ -26,75 +27,10 @@ from fogsplit.export.shards import ShardPlan, write_shard
 from fogsplit.export.split import prune_to_budget
 from fogsplit.export.train import predict, train
 
-log = logging.getLogger("fogsplit.export")
+log = logging.getLogger(__name__)
 SPARSITY = 1e-3     # L1 strength on the BatchNorm scales while training towards a pruning target
 FINETUNE_LR = 0.01   # the training peak: a pruned network re-learns, it does not just adjust
 FINETUNE_SHARE = 1.0  # fine-tuning epochs after pruning, as a share of the training epochs
-FEATURE_CODECS = ("fp32", "fp16", "int8", "sign")
-
-
-@dataclass(frozen=True)
-class ExportOptions:
-    epochs: int = 8
-    seed: int = 0
-    feature_channels: int = 4
-    local_fusion: str = "max"
-    edge_fusion: str = "concat"
-    scores_codec: str = "int8"
-    feature_codec: str = "int8"
-    forward_codec: str = "int8"
-    feature_bytes: int | None = None   # prune the split layer until a device's feature fits this
-    max_accuracy_drop: float = 0.005
-    cache_k: int = 4
-    cache_quorum: float = 0.5
-    cache_max_accuracy_loss: float = 0.01
-    val_fraction: float = 0.15
-    progress: bool = True
-    target_flops: float | None = None    # prune to cut this fraction of the FLOPs (0.8: 80% fewer)
-    target_params: float | None = None   # ... or of the parameters
-
-    def __post_init__(self) -> None:
-        if not 1 <= self.epochs <= 1000:
-            raise ValueError(f"epochs must be 1..1000, got {self.epochs}")
-        if not 1 <= self.feature_channels <= 512:
-            raise ValueError(f"feature_channels must be 1..512, got {self.feature_channels}")
-        if self.local_fusion not in ("max", "mean"):
-            raise ValueError(f"local fusion must be max or mean, got {self.local_fusion!r}")
-        if self.edge_fusion not in ("max", "mean", "concat"):
-            raise ValueError(f"edge fusion must be max, mean or concat, got {self.edge_fusion!r}")
-        for stream in ("scores_codec", "forward_codec"):
-            if getattr(self, stream) not in ("fp32", "fp16", "int8"):
-                raise ValueError(f"{stream} must be fp32, fp16 or int8, got {getattr(self, stream)!r}")
-        if self.feature_codec not in FEATURE_CODECS:
-            raise ValueError(f"feature_codec must be one of {FEATURE_CODECS}, got {self.feature_codec!r}")
-        if self.feature_bytes is not None and not 1 <= self.feature_bytes <= 1 << 20:
-            raise ValueError(f"feature_bytes must be 1..{1 << 20}, got {self.feature_bytes}")
-        if not 0 <= self.max_accuracy_drop <= 1:
-            raise ValueError("max_accuracy_drop must be in [0, 1]")
-        if not 1 <= self.cache_k <= 64:
-            raise ValueError(f"cache_k must be 1..64, got {self.cache_k}")
-        if not 0 < self.cache_quorum <= 1:
-            raise ValueError(f"cache_quorum must be in (0, 1], got {self.cache_quorum}")
-        if not 0 <= self.cache_max_accuracy_loss <= 1:
-            raise ValueError("cache_max_accuracy_loss must be in [0, 1]")
-        if not 0.05 <= self.val_fraction <= 0.5:
-            raise ValueError("val_fraction must be in [0.05, 0.5]")
-        for name in ("target_flops", "target_params"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                      or not 0 < value < 1):
-                raise ValueError(f"{name} must be a fraction in (0, 1) such as 0.8, got {value!r}")
-        if self.target_flops is not None and self.target_params is not None:
-            raise ValueError("give target_flops or target_params, not both: one rate is searched for")
-
-    @property
-    def prune_target(self) -> tuple[str, float] | None:
-        """``("flops", 0.8)`` or ``("params", 0.9)`` when the export prunes, else None."""
-        if self.target_flops is not None:
-            return "flops", float(self.target_flops)
-        if self.target_params is not None:
-            return "params", float(self.target_params)
-        return None
 
 
 @dataclass

@@ -7,7 +7,6 @@ from fogsplit.cli import build_parser, main
 
 
 @pytest.mark.parametrize("argv,needle", [
-    (["device", "--bundle", "b"], "--device"),
     (["device", "--bundle", "b", "--device", "cam/0"], "--device"),
     (["device", "--bundle", "b", "--device", "cam0", "--rate", "0"], "--rate"),
     (["device", "--bundle", "b", "--device", "cam0", "--rate", "fast"], "--rate"),
@@ -16,7 +15,6 @@ from fogsplit.cli import build_parser, main
     (["gateway", "--bundle", "b", "--broker", "mqtt://x:notaport"], "--broker"),
     (["gateway", "--bundle", "b", "--fleet", "a/b"], "--fleet"),
     (["gateway", "--bundle", "b", "--deadline-ms", "-5"], "--deadline-ms"),
-    (["cloud"], "--bundle"),
     (["export", "--out", "x", "--edge-fusion", "sum"], "--edge-fusion"),
     (["demo", "--events", "-1"], "--events"),
     (["launch"], "invalid choice"),
@@ -32,6 +30,19 @@ def test_bad_flags_are_refused(argv, needle, capsys):
         build_parser().parse_args(argv)
     assert exit_.value.code == 2
     assert needle in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["device", "--bundle", "b"], "--device"),
+    (["cloud"], "--bundle"),
+])
+def test_a_missing_required_setting_names_its_flag_variable_and_key(argv, needle, capsys, monkeypatch):
+    """Required settings may come from --config or the environment, so argparse cannot require them."""
+    for name in [n for n in __import__("os").environ if n.startswith("FOGSPLIT_")]:
+        monkeypatch.delenv(name)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "missing setting" in err and "FOGSPLIT_" in err
 
 
 def test_missing_bundle_is_a_clear_error(tmp_path, capsys):

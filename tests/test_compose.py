@@ -2,8 +2,10 @@
 broker configuration, run by a real Mosquitto with the ACL exactly as shipped, enforces the roles.
 
 No docker engine is needed: docker-compose.yml is read with PyYAML and interpolated the way
-docker compose does it; the commands it runs are parsed by fogsplit's own argument parser; the
-broker runs compose/mosquitto/mosquitto.conf with only its ports and file paths rewritten.
+docker compose does it; the commands it runs are parsed by fogsplit's own argument parser and
+their settings files by its own loader; the broker runs compose/mosquitto/mosquitto.conf with
+only its ports and file paths rewritten. No password may appear in any command a shipped file
+runs: a process's arguments are public (ps, /proc/PID/cmdline, docker inspect).
 """
 from __future__ import annotations
 
@@ -33,6 +35,8 @@ import yaml
 
 from fogsplit.bench.embedded import free_port, wait_for_port
 from fogsplit.cli import build_parser
+from fogsplit.core.config import Flag, load_config
+from fogsplit.core.dataset import save_npz
 from fogsplit.core.mqtt import MqttTransport, parse_broker_url, wait_until
 from fogsplit.core.results import Result
 from fogsplit.core.service import status_payload
@@ -192,8 +196,8 @@ def env_example() -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def filled_env(env_example) -> dict[str, str]:
-    """.env.example with the passwords an operator fills in."""
-    return {k: (secrets.token_hex(12) if k.endswith("_PASSWORD") and not v else v) for k, v in env_example.items()}
+    """.env.example as an operator adapts it."""
+    return {**env_example, "FLEET": "plant7", "CELL": "cell3", "GATEWAY_NAME": "gw2", "CLOUD_THREADS": "2"}
 
 
 @pytest.fixture(scope="module")
@@ -233,23 +237,33 @@ def _strings(node):
             yield from _strings(child)
 
 
+PASSWORD_IN_URL = re.compile(r"\w+://[^/\s'\"@]*:[^/\s'\"@]*@")
+SECRET_WORDS = re.compile(r"pass(word)?\b|--password|_PASSWORD\b", re.I)
+
+
+def assert_no_secret_in(argv: list[str], where: str) -> None:
+    """No URL with a password, no password flag or variable, anywhere in a command line."""
+    for word in argv:
+        assert not PASSWORD_IN_URL.search(word), f"{where}: a URL with a password in {word!r}"
+        assert not SECRET_WORDS.search(word), f"{where}: {word!r} looks like a password on the command line"
+
+
 def test_compose_variables_are_documented_and_secrets_never_written(compose_raw, env_example):
     values = list(_strings(compose_raw))
     used = {m["named"] or _BRACED.fullmatch(m["braced"])["name"]
             for text in values for m in _VAR.finditer(text) if not m["escaped"]}
     assert used <= set(env_example), f"not in .env.example: {sorted(used - set(env_example))}"
-    url = re.compile(r"mqtts?://(?P<user>[^:@/\s'\"]+):(?P<password>\$\{[^}]*\}|[^@\s'\"]*)@(?P<host>[\w.-]+)")
-    found = [m for text in values for m in url.finditer(text)]
-    assert found and len(found) == sum(text.count("mqtt") for text in values), \
-        "every broker URL names a user and a password"
-    for m in found:
-        assert re.fullmatch(r"\$\{[A-Z_]+_PASSWORD:\?[^}]*\}", m["password"]), \
-            f"{m[0]}: the password must come from a required variable, never from the file"
-    # Copied but not filled in, .env.example must stop compose rather than start with no password.
-    for service, variable in (("gateway", "GATEWAY_PASSWORD"), ("cloud", "CLOUD_PASSWORD")):
-        assert env_example[variable] == "", f".env.example must not carry a value for {variable}"
-        with pytest.raises(MissingVariable, match=variable):
-            interpolate_tree(compose_raw["services"][service], env_example)
+    assert not [k for k in env_example if "PASSWORD" in k], ".env must not carry passwords: secrets/ does"
+    assert not [t for t in values if PASSWORD_IN_URL.search(t)], "a URL with a password in docker-compose.yml"
+    declared = compose_raw["secrets"]
+    for name in ("gateway", "cloud"):
+        service = compose_raw["services"][name]
+        assert_no_secret_in(container_argv(service), name)
+        assert not [k for k in environment_of(service) if "PASSWORD" in k and not k.endswith("_FILE")], \
+            f"{name}: a password in the environment shows in docker inspect"
+        [secret] = service["secrets"]
+        source = COMPOSE / declared[secret]["file"]
+        assert source.parent == COMPOSE / "secrets", f"{secret}: secrets live in compose/secrets/ (ignored by git)"
 
 
 def test_compose_mounts_exist(compose):
@@ -302,34 +316,49 @@ def test_broker_files_are_where_the_config_says(compose):
     assert published == listeners == {1883, 8883}
 
 
+def service_settings(service: dict, args):
+    """What fogsplit in the container would load: the mounted settings file, the service's
+    environment and the flags of its command; the password file (a docker secret) left unread."""
+    mount = mount_of(service, str(args.config))
+    assert mount and is_bind(mount[0]), f"{args.config} is in no bind mount of the service"
+    path = COMPOSE / mount[0] / os.path.relpath(str(args.config), mount[1])
+    flags = [Flag(key, flag, getattr(args, key)) for key, flag in args.bound]
+    return load_config(args.role, path=path, environ=environment_of(service), flags=flags, read_secrets=False).config
+
+
 @pytest.mark.parametrize("name, command", [("gateway", "gateway"), ("cloud", "cloud"), ("exporter", "export")])
 def test_service_commands_parse_with_the_real_cli(compose, filled_env, name, command):
     service = compose["services"][name]
     argv = container_argv(service)
     assert argv[0] == "fogsplit", argv
+    assert_no_secret_in(argv, name)
     args = parse_cli(argv[1:])
     assert args.command == command
-    bundle = args.out if command == "export" else args.bundle
-    assert mount_of(service, str(bundle)), f"{name}: {bundle} is not mounted"
     if command == "export":
         assert args.data == "images"
+        assert mount_of(service, args.out), f"{name}: {args.out} is not mounted"
         return
-    url = parse_broker_url(args.broker)
+    config = service_settings(service, args)
+    assert mount_of(service, config.bundle)[2] == "ro", f"{name}: the bundle {config.bundle} is not mounted read-only"
+    url = parse_broker_url(config.broker.url)
     entries = conf_entries(COMPOSE / "mosquitto" / "mosquitto.conf")
     plain = {port for key, _, port in entries if key == "listener"} - {port for key, _, port in entries if key == "certfile"}
     assert (url.host, url.tls) == ("broker", False) and url.port in plain, \
         "inside the compose network the services use the broker's plain listener"
-    assert url.username == name and url.username in acl_users(), f"{name} logs in with its ACL role"
-    assert url.password == filled_env[f"{name.upper()}_PASSWORD"]
-    assert args.fleet == filled_env["FLEET"]
+    assert config.broker.username == name and name in acl_users(), f"{name} logs in with its ACL role"
+    assert config.broker.password is None
+    [secret] = service["secrets"]
+    assert config.broker.password_file == f"/run/secrets/{secret}", "the password comes from the service's secret"
+    assert config.fleet == filled_env["FLEET"]
     if name == "gateway":
-        assert (args.cell, args.name) == (filled_env["CELL"], filled_env["GATEWAY_NAME"])
+        assert (config.cell, config.name) == (filled_env["CELL"], filled_env["GATEWAY_NAME"])
     else:
+        assert config.cloud.threads == int(filled_env["CLOUD_THREADS"])
         # Every replica has its own name, hence its own MQTT client id: otherwise the broker would
         # disconnect one worker each time another connects with the same id.
-        other = parse_cli(container_argv(service, hostname="9c8b7a6d5e4f")[1:])
-        assert args.name != other.name
-        check_name("cloud worker", args.name)
+        other = service_settings(service, parse_cli(container_argv(service, hostname="9c8b7a6d5e4f")[1:]))
+        assert config.name != other.name
+        check_name("cloud worker", config.name)
 
 
 def _compose_cli() -> list[str] | None:
@@ -360,8 +389,7 @@ def test_docker_compose_itself_accepts_the_file(tmp_path, compose, filled_env, e
     assert set(theirs) == set(compose["services"])
     for name in ("gateway", "exporter"):
         assert theirs[name]["command"] == compose["services"][name]["command"], name
-    refused = config(env_example)
-    assert refused.returncode != 0 and "PASSWORD" in refused.stderr
+    assert set(json.loads(done.stdout)["secrets"]) == set(compose["secrets"])
 
 
 def _dockerfile_instructions(path: Path) -> list[tuple[str, str]]:
@@ -403,27 +431,52 @@ def test_dockerfiles(dockerfile):
         assert installs.index(export_pin) < installs.index('".[export]"'), "torch first, then the package"
 
 
-def test_systemd_unit_execstart_parses_with_the_real_cli():
-    unit = (COMPOSE / "fogsplit-device.service").read_text()
+def unit_settings() -> dict[str, list[str]]:
     settings: dict[str, list[str]] = {}
-    for line in unit.splitlines():
+    for line in (COMPOSE / "fogsplit-device.service").read_text().splitlines():
         if "=" in line and not line.startswith(("#", ";", "[")):
             key, value = line.split("=", 1)
             settings.setdefault(key.strip(), []).append(value.strip())
-    assert settings["EnvironmentFile"] == ["/etc/fogsplit/device.env"]
-    env = read_env_file(COMPOSE / "fogsplit-device.env.example")
-    env.update(item.split("=", 1) for item in settings.get("Environment", []))
+    return settings
+
+
+def unit_environment(settings: dict[str, list[str]], credentials: str) -> dict[str, str]:
+    """The unit's Environment= lines, with systemd's %d (the credentials directory) expanded."""
+    return dict(item.replace("%d", credentials).split("=", 1) for item in settings.get("Environment", []))
+
+
+def test_systemd_unit_execstart_parses_with_the_real_cli():
+    settings = unit_settings()
+    assert settings["EnvironmentFile"] == ["-/etc/fogsplit/device.env"], "the overrides file is optional"
+    assert read_env_file(COMPOSE / "fogsplit-device.env.example") == {}, "the example overrides nothing"
+    [credential] = settings["LoadCredential"]
+    name, source = credential.split(":", 1)
+    assert source == "/etc/fogsplit/broker.password"
+    env = unit_environment(settings, "/run/credentials/fogsplit-device.service")
+    assert env["FOGSPLIT_BROKER__PASSWORD_FILE"] == f"/run/credentials/fogsplit-device.service/{name}"
     [execstart] = settings["ExecStart"]
-    referenced = set(re.findall(r"\$\{(\w+)\}", execstart))
-    assert referenced <= set(env), f"the env example must set {sorted(referenced - set(env))}"
-    argv = shlex.split(interpolate(execstart, env))
+    assert "$" not in execstart, "no variable on the command line: settings come from the file"
+    argv = shlex.split(execstart)
     assert argv[0] == "/opt/fogsplit/bin/fogsplit"
+    assert_no_secret_in(argv, "fogsplit-device.service")
     args = parse_cli(argv[1:])
-    assert args.command == "device"
-    url = parse_broker_url(args.broker)
-    assert url.username == args.device, "the ACL lets a device publish only under its own username"
-    assert url.tls and url.port == 8883 and env["SSL_CERT_FILE"] == "/etc/fogsplit/ca.crt"
+    assert args.command == "device" and str(args.config) == "/etc/fogsplit/device.toml"
+    flags = [Flag(key, flag, getattr(args, key)) for key, flag in args.bound]
+    config = load_config("device", path=COMPOSE / "config" / "device.toml", environ=env, flags=flags,
+                         read_secrets=False).config
+    url = parse_broker_url(config.broker.url)
+    assert config.broker.username == config.name, "the ACL lets a device publish only under its own username"
+    assert url.tls and url.port == 8883 and config.broker.ca_file == "/etc/fogsplit/ca.crt"
+    assert config.bundle == "/var/lib/fogsplit/bundle"
     assert settings["User"] != ["root"] and settings["Restart"] == ["always"]
+
+
+def test_the_shipped_settings_files_load_and_hold_no_password():
+    for role in ("gateway", "cloud", "device"):
+        path = COMPOSE / "config" / f"{role}.toml"
+        assert not re.search(r"(?m)^\s*password\s*=", path.read_text()), f"{path.name} holds a password"
+        config = load_config(role, path=path, environ={}, read_secrets=False).config
+        assert config.broker.password is None
 
 
 def test_mosquitto_conf_settings():
@@ -817,10 +870,10 @@ def test_the_tls_listener_with_the_development_ca(central, keys, connect, monkey
     with pytest.raises(ssl.SSLCertVerificationError):
         stranger.connect("localhost", port)
 
-    # fogsplit's own transport, trusting the CA the way fogsplit-device.service does it.
-    monkeypatch.setenv("SSL_CERT_FILE", str(keys.ca))
-    device = MqttTransport(f"mqtts://cam1:{keys.passwords['cam1']}@localhost:{port}", "tls-cam1",
-                           will=(t.device_status(CELL, "cam1"), b"offline"))
+    # fogsplit's own transport, trusting the CA the way config/device.toml does it (broker.ca_file).
+    monkeypatch.delenv("SSL_CERT_FILE")
+    device = MqttTransport(f"mqtts://localhost:{port}", "tls-cam1", username="cam1", password=keys.passwords["cam1"],
+                           ca_file=str(keys.ca), will=(t.device_status(CELL, "cam1"), b"offline"))
     device.connect(timeout=5)
     try:
         device.publish(t.scores(CELL, "cam1"), b"fogsplit over tls")
@@ -837,10 +890,11 @@ def test_fogsplit_watch_as_operator(central, keys, connect):
     gateway = connect("gateway")
     gateway.publish(t.gateway_status(CELL, "gw0"), b'{"state": "online"}', retain=True)
     try:
-        env = {**os.environ, **({"SSL_CERT_FILE": str(keys.ca)} if tls else {})}
+        env = {**os.environ, "FOGSPLIT_BROKER__PASSWORD": keys.passwords["operator"]}
         out = subprocess.run(
-            [sys.executable, "-m", "fogsplit.cli", "watch", "--broker",
-             f"{scheme}://operator:{keys.passwords['operator']}@{host}:{port}", "--fleet", "watched", "--count", "1"],
+            [sys.executable, "-m", "fogsplit.cli", "watch", "--broker", f"{scheme}://{host}:{port}",
+             "--username", "operator", "--fleet", "watched", "--count", "1",
+             *(["--ca-file", str(keys.ca)] if tls else [])],
             env=env, capture_output=True, text=True, timeout=20)
     finally:
         gateway.publish(t.gateway_status(CELL, "gw0"), b"", retain=True)  # clear the retained status
@@ -938,8 +992,8 @@ def test_every_tier_works_under_its_own_account(central, keys, connect, bundle_d
     transports = []
 
     def login(user: str, client_id: str, will: str) -> MqttTransport:
-        url = f"mqtt://{user}:{keys.passwords[user]}@127.0.0.1:{central.ports[1883]}"
-        transports.append(MqttTransport(url, client_id, will=(will, status_payload("offline"))))
+        transports.append(MqttTransport(f"mqtt://127.0.0.1:{central.ports[1883]}", client_id, username=user,
+                                        password=keys.passwords[user], will=(will, status_payload("offline"))))
         return transports[-1]
 
     results: dict[int, list[Result]] = {}
@@ -989,3 +1043,49 @@ def test_every_tier_works_under_its_own_account(central, keys, connect, bundle_d
     assert {r[0].exit for r in results.values()} == {"cloud"}
     assert statuses >= {t.gateway_status(CELL, "gw0"), t.cloud_status("cloud0"),
                         *(t.device_status(CELL, s) for s in sensors)}, "a status publish was refused"
+
+
+@pytest.mark.slow
+def test_a_device_started_as_the_unit_starts_it_shows_no_secret(workdir, central, keys, connect, bundle_dir,
+                                                                 small_data):
+    """fogsplit-device.service's command line and environment, config/device.toml with its paths
+    and broker address rewritten, the password in a credentials file: the agent logs in under the
+    shipped ACL, and its password is nowhere in /proc/PID/cmdline or /proc/PID/environ."""
+    t = Topics("shipped")
+    tls = keys.certs is not None
+    root = workdir / "device"
+    credentials = root / "credentials"
+    credentials.mkdir(parents=True)
+    settings = unit_settings()
+    name, _ = settings["LoadCredential"][0].split(":", 1)
+    password = keys.passwords["cam0"]
+    (credentials / name).write_text(password + "\n")
+    os.chmod(credentials / name, 0o400)
+    replay = save_npz(small_data, root / "replay.npz")
+    url = f"mqtts://localhost:{central.ports[8883]}" if tls else f"mqtt://127.0.0.1:{central.ports[1883]}"
+    toml = (COMPOSE / "config" / "device.toml").read_text()
+    for key, value in (("bundle", str(bundle_dir)), ("data", str(replay)), ("url", url), ("fleet", "shipped"),
+                       ("ca_file", str(keys.ca) if tls else None)):
+        toml = re.sub(rf'(?m)^{key} = ".*"$', "" if value is None else f"{key} = {json.dumps(value)}", toml)
+    (root / "device.toml").write_text(toml)
+
+    argv = shlex.split(settings["ExecStart"][0])
+    argv = [sys.executable, "-m", "fogsplit.cli", *[str(root / "device.toml") if a == "/etc/fogsplit/device.toml"
+                                                    else a for a in argv[1:]]]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FOGSPLIT_")}
+    env.update(unit_environment(settings, str(credentials)))
+    watcher = connect("operator").subscribe(t.device_status(CELL, "cam0"), t.scores(CELL, "cam0"))
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        got = watcher.until(lambda m: m[0] == t.scores(CELL, "cam0"), timeout=30)
+        assert any(json.loads(p).get("state") == "online" for topic, p, _ in got if topic.endswith("/status"))
+        cmdline = Path(f"/proc/{proc.pid}/cmdline").read_bytes().split(b"\0")
+        environ = Path(f"/proc/{proc.pid}/environ").read_bytes()
+        assert password.encode() not in b" ".join(cmdline) and password.encode() not in environ
+        assert_no_secret_in([w.decode() for w in cmdline if w], "the running device")
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=15)
+    assert proc.returncode in (0, -signal.SIGTERM), out.decode()
+    assert password not in out.decode(), "the password was logged"
+    watcher.until(lambda m: m[0] == t.device_status(CELL, "cam0") and json.loads(m[1]).get("state") == "offline")
