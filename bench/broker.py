@@ -32,9 +32,8 @@ def measure(url: str, messages: int, qos: int, size: int = 64) -> dict:
             done.set()
 
     sub.subscribe("bench/t", on_message)
-    sub.connect()
+    sub.connect()       # returns once the broker has acknowledged the subscription
     pub.connect()
-    time.sleep(0.3)
     payload = b"x" * size
     start = time.perf_counter()
     for _ in range(messages):
@@ -44,7 +43,6 @@ def measure(url: str, messages: int, qos: int, size: int = 64) -> dict:
     lat = []
     sub2_got: list[float] = []
     sub.subscribe("bench/lat", lambda m: sub2_got.append(time.perf_counter() - float(m.payload)))
-    time.sleep(0.3)
     for _ in range(200):
         pub.publish("bench/lat", str(time.perf_counter()).encode(), qos=1)
         time.sleep(0.005)

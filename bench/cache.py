@@ -42,7 +42,7 @@ from fogsplit.core.manifest import load_bundle
 from fogsplit.export.datasets import multiview_images
 from fogsplit.export.streams import redundant_images
 
-log = logging.getLogger("fogsplit.bench.cache")
+log = logging.getLogger(__name__)
 MISS_EXITS = ("edge", "cloud")
 SCENARIOS = {"wan-cloud": {"wan": True, "edge_exit": False},
              "wan-edge": {"wan": True, "edge_exit": True},
@@ -50,7 +50,8 @@ SCENARIOS = {"wan-cloud": {"wan": True, "edge_exit": False},
 
 
 class DelayedLink:
-    """A transport whose every message in and out arrives ``delay_s`` late: an emulated WAN."""
+    """A transport whose every message in and out arrives ``delay_s`` late: an emulated WAN.
+    Everything but publishing and subscribing (presence, stats, connect) is the inner transport's."""
 
     def __init__(self, inner, delay_s: float) -> None:
         self.inner, self.delay_s = inner, delay_s
@@ -68,11 +69,8 @@ class DelayedLink:
     def subscribe(self, topic_filter: str, handler) -> None:
         self.inner.subscribe(topic_filter, lambda msg: self._later(handler, msg))
 
-    def connect(self, *args, **kwargs):
-        return self.inner.connect(*args, **kwargs)
-
-    def close(self) -> None:
-        self.inner.close()
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)
 
 
 # -- one pair of runs -------------------------------------------------------------------------

@@ -39,7 +39,7 @@ from fogsplit.core.manifest import Bundle, load_bundle
 from fogsplit.export.datasets import BUILTIN, load_data
 from fogsplit.gateway.gateway import GatewaySettings
 
-log = logging.getLogger("fogsplit.bench.comm")
+log = logging.getLogger(__name__)
 
 DEFAULT_THRESHOLDS = (0.0, 0.2, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 # Every setting is trained on the same data. At the export defaults (4000 events, 2720 of them

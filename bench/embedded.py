@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-log = logging.getLogger("fogsplit.bench.embedded")
+log = logging.getLogger(__name__)
 
 KINDS = ("auto", "mosquitto", "rumqttd")
 
@@ -109,6 +109,15 @@ class EmbeddedBroker:
             raise RuntimeError("the embedded broker needs Mosquitto installed or the 'broker' extra: "
                                "pip install 'fogsplit[broker]'; or point --broker at a running MQTT broker") from exc
         self._broker = Broker(port=self.port, listen=self.host).start()
+
+    def kill(self) -> None:
+        """Crash the broker: SIGKILL for Mosquitto (nothing saved, no goodbye to clients); the
+        in-process rumqttd can only be stopped. Whatever it kept in memory is gone."""
+        if self._process is not None:
+            self._process.kill()
+            self._process.wait(10)
+            self._process = None
+        self.stop()
 
     def stop(self) -> None:
         if self._broker is not None:

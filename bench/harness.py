@@ -8,6 +8,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 
+import msgspec
 import numpy as np
 
 from fogsplit.cloud.worker import CloudWorker, RawOffload
@@ -17,6 +18,7 @@ from fogsplit.core.mqtt import Message, MqttTransport, wait_until
 from fogsplit.core.wire import WireMeter
 from fogsplit.core.results import EXIT_TIERS, Result
 from fogsplit.core.runner import ShardRunner
+from fogsplit.core.settings import DeviceCacheSettings, DeviceSettings
 from fogsplit.core.service import status_payload
 from fogsplit.core.topics import Topics
 from fogsplit.device.agent import DeviceAgent
@@ -77,9 +79,8 @@ def stream_test_set(url: str, bundle: Bundle, test: Dataset, *, policy: str = "r
     run = f"{policy}{int(time.time() * 1000) % 100000}"
     transports: list[MqttTransport] = []
 
-    def connect(client_id: str, will: str | None = None) -> MqttTransport:
-        t = MqttTransport(url, f"{client_id}-{run}", meter=meter,
-                          will=(will, status_payload("offline")) if will else None)
+    def connect(client_id: str) -> MqttTransport:
+        t = MqttTransport(url, f"{client_id}-{run}", meter=meter)
         transports.append(t)
         return t
 
@@ -88,10 +89,9 @@ def stream_test_set(url: str, bundle: Bundle, test: Dataset, *, policy: str = "r
     if policy == "raw":
         services.append(RawOffload(connect("raw"), topics, bundle))
     else:
-        cloud_transport = connect("cloud0", topics.cloud_status("cloud0"))
+        cloud_transport = connect("cloud0")
         services.append(CloudWorker(cloud_link(cloud_transport) if cloud_link else cloud_transport, topics, bundle))
-        gateway = Gateway(connect("gw0", topics.gateway_status(cell, "gw0")), topics, bundle, cell=cell,
-                          settings=gateway_settings)
+        gateway = Gateway(connect("gw0"), topics, bundle, cell=cell, settings=gateway_settings)
         services.append(gateway)
     start_slot = math.ceil((time.time() + 1.5) * rate)
     n = len(test)
@@ -101,8 +101,10 @@ def stream_test_set(url: str, bundle: Bundle, test: Dataset, *, policy: str = "r
             continue
         source = ReplaySource(test.sensors[sensor], rate=rate, start_slot=start_slot, count=n)
         sources.append(source)
-        services.append(DeviceAgent(connect(sensor, topics.device_status(cell, sensor)), topics, bundle,
-                                    cell=cell, device=sensor, source=source, policy=policy, cache=device_cache))
+        settings = DeviceSettings(policy=policy, rate=rate, cache=device_cache and DeviceCacheSettings(
+            **msgspec.structs.asdict(device_cache)))
+        services.append(DeviceAgent(connect(sensor), topics, bundle, cell=cell, device=sensor, source=source,
+                                    settings=settings))
     if missing:
         for sensor in missing:
             collector.transport.publish(topics.device_status(cell, sensor), status_payload("offline"), retain=True)

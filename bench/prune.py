@@ -31,7 +31,7 @@ from fogsplit.bench.report import write_json
 from fogsplit.core.runner import ShardRunner
 from fogsplit.export.datasets import load_data
 
-log = logging.getLogger("fogsplit.bench.prune")
+log = logging.getLogger(__name__)
 
 NETWORKS = ("ddnn", "vgg16")
 TARGETS = (0.5, 0.762, 0.8, 0.9)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -51,10 +50,11 @@ def parse_result(payload: bytes, topic: str | None = None) -> Result:
 
 
 def make_result(logits: np.ndarray, *, event: int, exit: str, classes: tuple[str, ...] | list[str],
-                devices: list[str], captured: float, model: str, degraded: bool = False) -> Result:
+                devices: list[str], captured: float, model: str, now: float, degraded: bool = False) -> Result:
+    """The result of ``event`` answered at ``now`` (epoch seconds) from ``logits``."""
     p = softmax(np.asarray(logits, dtype=np.float64))
     label = int(np.argmax(p))
     return Result(event=event, label=label, cls=classes[label], confidence=round(float(p[label]), 4),
                   exit=exit, devices=list(devices), captured=captured,
-                  latency_ms=round((time.time() - captured) * 1000.0, 3), model=model,
+                  latency_ms=round((now - captured) * 1000.0, 3), model=model,
                   degraded=degraded)

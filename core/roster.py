@@ -1,12 +1,18 @@
-"""What a receiver knows of each device from its retained status: online or not, the model it
-runs and its capture rate, which turns the 16-bit slot of a frame back into the event id and
-the capture time (slot ``n`` is captured at ``n / rate`` seconds since the epoch)."""
+"""What a receiver knows of each device: online or not, the model it runs and its capture
+rate, which turns the 16-bit slot of a frame back into the event id and the capture time
+(slot ``n`` is captured at ``n / rate`` seconds since the epoch).
+
+The roster learns from statuses (the retained birth and the will both name the model and the
+rate) and remembers the model and rate across an ``offline`` status, so a device whose
+connection dropped is placed in time again by its first frame after it reconnects: a frame
+is proof of life, and neither a lost retained store nor a spoofed ``offline`` locks a device
+out. A receiver that has never heard a device's status may be given the cell's capture rate.
+"""
 from __future__ import annotations
 
 import json
 import math
-import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from fogsplit.core.errors import FrameError
 from fogsplit.core.frames import GONE, Expect, Frame, decode_frame, unwrap_slot
@@ -41,27 +47,47 @@ def parse_status(payload: bytes, device: str, topic: str | None = None) -> Devic
 
 
 class Roster:
-    """The last status of each device a receiver has heard of."""
+    """The last word of each device a receiver has heard of: its status, or a frame."""
 
-    def __init__(self, model: str) -> None:
+    def __init__(self, model: str, *, default_rate: float | None = None) -> None:
         self.model = model
+        self.default_rate = default_rate
         self.devices: dict[str, DeviceStatus] = {}
 
     def update(self, device: str, status: DeviceStatus) -> None:
+        """Take a status; an ``offline`` one that names no model or rate keeps the known ones."""
+        known = self.devices.get(device)
+        if known is not None and status.state == "offline":
+            status = replace(status, model=status.model or known.model, rate=status.rate or known.rate)
         self.devices[device] = status
+
+    def is_online(self, device: str) -> bool:
+        status = self.devices.get(device)
+        return status is not None and status.state == "online"
+
+    def saw_frame(self, device: str) -> bool:
+        """A valid frame came from ``device``: it is online. True if it was not before."""
+        status = self.devices.get(device)
+        if status is not None and status.state == "online":
+            return False
+        rate = status.rate if status is not None and status.rate else self.default_rate
+        self.devices[device] = DeviceStatus("online", status.model if status else None, rate)
+        return True
 
     def event_of(self, device: str, slot: int, now: float) -> tuple[int, float]:
         """``(event id, capture time)`` of ``device``'s frame with ``slot``, received at ``now``
-        (epoch seconds); refuses frames from devices with no usable status."""
+        (epoch seconds); refuses frames from devices whose rate is unknown or whose model differs."""
         status = self.devices.get(device)
-        if status is None or status.rate is None:
-            raise FrameError("status", f"no status with a capture rate from {device!r} yet: its frame cannot be "
-                                       "placed in time", device=device)
-        if status.model is not None and status.model != self.model:
+        rate = status.rate if status is not None and status.rate else self.default_rate
+        if rate is None:
+            raise FrameError("status", f"no status with a capture rate from {device!r} yet, and no capture_rate "
+                                       "is configured for the cell: its frame cannot be placed in time",
+                             device=device)
+        if status is not None and status.model is not None and status.model != self.model:
             raise FrameError("model", f"{device!r} runs model {status.model!r}, this tier {self.model!r}",
                              device=device)
-        event = unwrap_slot(slot, round(now * status.rate))
-        return event, event / status.rate
+        event = unwrap_slot(slot, round(now * rate))
+        return event, event / rate
 
 
 @dataclass(frozen=True)
@@ -74,8 +100,9 @@ class DeviceFrame:
     captured: float | None = None
 
 
-def decode_device_frame(payload: bytes, topic: str, expect: Expect, roster: Roster) -> DeviceFrame:
-    """Decode a frame published on ``.../device/{d}/{leaf}`` and place it in time."""
+def decode_device_frame(payload: bytes, topic: str, expect: Expect, roster: Roster, now: float) -> DeviceFrame:
+    """Decode a frame published on ``.../device/{d}/{leaf}`` and place it in time (``now``:
+    epoch seconds at arrival)."""
     device, leaf = device_of(topic), topic.rsplit("/", 1)[-1]
     if device not in expect.sensors:
         raise FrameError("device", f"unknown device {device!r}: the model has {list(expect.sensors)}",
@@ -84,7 +111,7 @@ def decode_device_frame(payload: bytes, topic: str, expect: Expect, roster: Rost
     if frame.kind == GONE:
         return DeviceFrame(frame, device)
     try:
-        event, captured = roster.event_of(device, frame.slot, time.time())
+        event, captured = roster.event_of(device, frame.slot, now)
     except FrameError as exc:
         raise FrameError(exc.rule, exc.detail, device=device, event=frame.slot, topic=topic) from None
     return DeviceFrame(frame, device, event, captured)

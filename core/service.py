@@ -1,9 +1,15 @@
-"""One supervisor per component: a single thread owns the component's state.
+"""One supervisor per component: the thin adapter between a tier's logic and MQTT.
 
-MQTT handlers run on paho's network thread and only queue the message; the service thread
-dispatches it, runs timers (event deadlines) and periodic jobs (stats). A handler that
-raises never stops the service: a refused frame goes to the error topic and the log, and
+MQTT handlers run on the transport's network thread and only queue the message; the one
+service thread hands it to the logic, runs timers (event deadlines) and periodic jobs (stats),
+and publishes the actions the logic returns on the topics the topic table names. A handler
+that raises never stops the service: a refused frame goes to the error topic and the log,
 anything unexpected is logged with its traceback.
+
+Bounds: the inbox holds at most ``inbox`` messages. When it is full a newly arrived message is
+dropped (drop-newest: the messages already queued are older and closer to their deadlines),
+counted in ``inbox_dropped`` (published in the component's stats) and logged at most once per
+``LOG_EVERY_S``.
 """
 from __future__ import annotations
 
@@ -12,37 +18,56 @@ import logging
 import queue
 import threading
 import time
-from typing import Callable
+from typing import Callable, Iterable
 
+from fogsplit.core.actions import Action, Answer, Forward, Refuse, RequestFeatures, Send
+from fogsplit.core.clock import SYSTEM_CLOCK, Clock
 from fogsplit.core.errors import FrameError
+from fogsplit.core.topics import TOPICS, Topics
 from fogsplit.core.transport import Message, Transport
-from fogsplit.core.topics import Topics
 
-_STOP = object()
+LOG_EVERY_S = 10.0
+_WAKE = object()
+
+Handler = Callable[[Message], "Iterable[Action] | None"]
 
 
 class Service:
     """Base of the device agent, the gateway and the cloud worker."""
 
-    def __init__(self, transport: Transport, topics: Topics, name: str) -> None:
+    def __init__(self, transport: Transport, topics: Topics, name: str, *, inbox: int = 10_000,
+                 clock: Clock = SYSTEM_CLOCK) -> None:
+        if inbox < 1:
+            raise ValueError(f"inbox must hold at least one message, got {inbox}")
         self.transport = transport
         self.topics = topics
         self.name = name
-        self.log = logging.getLogger(f"fogsplit.{type(self).__name__.lower()}")
-        self._inbox: queue.Queue = queue.Queue()
+        self.clock = clock
+        self.log = logging.getLogger(type(self).__module__)
+        self._inbox: queue.Queue = queue.Queue(maxsize=inbox)
         self._jobs: list[list] = []          # [period, next_due, fn]
         self._thread: threading.Thread | None = None
         self._loops: list[threading.Thread] = []
+        self._stopping = threading.Event()
+        self._last_drop_log = -LOG_EVERY_S
+        self._status: tuple[str, str, bytes] | None = None
         self.refused = 0
+        self.inbox_dropped = 0
 
     # -- wiring ---------------------------------------------------------------------------
-    def route(self, topic_filter: str, handler: Callable[[Message], None]) -> None:
-        """Subscribe; ``handler`` will run on the service thread."""
-        self.transport.subscribe(topic_filter, lambda msg: self._inbox.put((handler, msg)))
+    def route(self, topic_filter: str, handler: Handler) -> None:
+        """Subscribe; ``handler`` runs on the service thread and its actions are published."""
+        self.transport.subscribe(topic_filter, lambda msg: self._enqueue((self._handle, (handler, msg))))
 
-    def submit(self, fn: Callable[..., None], *args: object) -> None:
-        """Run ``fn(*args)`` on the service thread (from any thread)."""
-        self._inbox.put((fn, args))
+    def presence(self, kind: str, topic: str, online: Callable[[], bytes], offline: bytes) -> None:
+        """This component's retained status (a ``*_status`` kind of the topic table): ``online()``
+        on every connect, ``offline`` as the will and on a clean stop."""
+        self._status = (kind, topic, offline)
+        self.transport.set_presence(topic, online, offline)
+
+    def submit(self, fn: Callable[..., object], *args: object) -> bool:
+        """Run ``fn(*args)`` on the service thread (from any thread); False if the inbox was full."""
+        return self._enqueue((fn, args))
 
     def spawn(self, name: str, fn: Callable[[], None]) -> None:
         """Run a blocking loop (a sensor's capture loop) beside the service thread."""
@@ -52,7 +77,37 @@ class Service:
             thread.start()
 
     def every(self, period: float, fn: Callable[[], None]) -> None:
-        self._jobs.append([period, time.monotonic() + period, fn])
+        self._jobs.append([period, self.clock.monotonic() + period, fn])
+
+    # -- publishing -----------------------------------------------------------------------
+    def send(self, kind: str, topic: str, payload: bytes, events: Iterable[int] = ()) -> int:
+        """Publish on a topic of ``kind`` with the QoS and retain flag of the topic table."""
+        spec = TOPICS[kind]
+        return self.transport.publish(topic, payload, qos=spec.qos, retain=spec.retain, events=events)
+
+    def apply(self, actions: Iterable[Action] | None) -> None:
+        for action in actions or ():
+            if isinstance(action, Answer):
+                self.send("result", self.topics.result(action.cell), action.result.to_json(), [action.result.event])
+            elif isinstance(action, RequestFeatures):
+                self.send("request", self.topics.request(action.cell), action.payload, action.events)
+            elif isinstance(action, Forward):
+                self.send("forward", self.topics.forward(action.cell), action.payload, [action.event])
+            elif isinstance(action, Send):
+                self.send(action.kind, self.topics.device(action.cell, action.device, action.kind), action.payload,
+                          action.events)
+            elif isinstance(action, Refuse):
+                self.refuse(action.error)
+            else:
+                raise TypeError(f"unknown action {action!r}")
+
+    def refuse(self, err: FrameError) -> None:
+        """Report a refused frame on the error topic and in the log."""
+        self.refused += 1
+        report = {"by": self.name, **err.as_report()}
+        self.log.warning("%s: refused frame on %s from %s event %s: %s", self.name, err.topic,
+                         err.device, err.event, err)
+        self.send("error", self.topics.error, json.dumps(report).encode())
 
     # -- hooks for subclasses -------------------------------------------------------------
     def next_timer(self) -> float | None:
@@ -67,6 +122,7 @@ class Service:
 
     # -- lifecycle ------------------------------------------------------------------------
     def start(self) -> "Service":
+        self._stopping.clear()
         self._thread = threading.Thread(target=self._loop, name=self.name, daemon=True)
         self._thread.start()
         for loop in self._loops:
@@ -74,36 +130,60 @@ class Service:
         return self
 
     def stop(self, timeout: float = 5.0) -> None:
+        """Stop the loops, run :meth:`on_stop`, publish ``offline`` (a clean stop fires no will)."""
         if self._thread is None:
             return
-        self._inbox.put(_STOP)
+        self._stopping.set()
+        self._wake()
         self._thread.join(timeout)
         self._thread = None
         for loop in self._loops:
             loop.join(timeout)
+        if self._status is not None:
+            self.send(*self._status)
 
     def drain(self, timeout: float = 5.0) -> None:
         """Wait until everything queued so far has been handled (tests, shutdown)."""
         done = threading.Event()
-        self.submit(done.set)
-        done.wait(timeout)
+        deadline = time.monotonic() + timeout
+        while not self.submit(done.set) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        done.wait(max(0.0, deadline - time.monotonic()))
+
+    def _enqueue(self, item: tuple) -> bool:
+        try:
+            self._inbox.put_nowait(item)
+            return True
+        except queue.Full:
+            self.inbox_dropped += 1
+            now = time.monotonic()
+            if now - self._last_drop_log >= LOG_EVERY_S:
+                self._last_drop_log = now
+                self.log.warning("%s: inbox full (%d messages): dropping new ones; %d dropped so far",
+                                 self.name, self._inbox.maxsize, self.inbox_dropped)
+            return False
+
+    def _wake(self) -> None:
+        try:
+            self._inbox.put_nowait((None, ()))
+        except queue.Full:
+            pass   # the loop is busy and will see the stop flag after the item in hand
+
+    def _handle(self, handler: Handler, msg: Message) -> None:
+        self.apply(handler(msg))
 
     def _loop(self) -> None:
-        while True:
-            now = time.monotonic()
+        while not self._stopping.is_set():
+            now = self.clock.monotonic()
             due = [t for t in (self.next_timer(), *(j[1] for j in self._jobs)) if t is not None]
             wait = max(0.0, min(due) - now) if due else 0.5
             try:
-                item = self._inbox.get(timeout=min(wait, 0.5))
+                fn, args = self._inbox.get(timeout=min(wait, 0.5))
             except queue.Empty:
-                item = None
-            if item is _STOP:
-                self._guard(self.on_stop)
-                return
-            if item is not None:
-                fn, arg = item
-                self._guard(fn, *(arg if isinstance(arg, tuple) else (arg,)))
-            now = time.monotonic()
+                fn, args = None, ()
+            if fn is not None and not self._stopping.is_set():
+                self._guard(fn, *args)
+            now = self.clock.monotonic()
             timer = self.next_timer()
             if timer is not None and timer <= now:
                 self._guard(self.on_timer, now)
@@ -111,8 +191,9 @@ class Service:
                 if job[1] <= now:
                     job[1] = now + job[0]
                     self._guard(job[2])
+        self._guard(self.on_stop)
 
-    def _guard(self, fn: Callable[..., None], *args: object) -> None:
+    def _guard(self, fn: Callable[..., object], *args: object) -> None:
         try:
             fn(*args)
         except FrameError as err:
@@ -120,14 +201,6 @@ class Service:
         except Exception:
             self.log.exception("%s: unexpected error in %s; still serving", self.name,
                                getattr(fn, "__name__", fn))
-
-    def refuse(self, err: FrameError) -> None:
-        """Report a refused frame on the error topic and in the log."""
-        self.refused += 1
-        report = {"by": self.name, **err.as_report()}
-        self.log.warning("%s: refused frame on %s from %s event %s: %s", self.name, err.topic,
-                         err.device, err.event, err)
-        self.transport.publish(self.topics.error, json.dumps(report).encode(), qos=1)
 
 
 def status_payload(state: str, **extra: object) -> bytes:

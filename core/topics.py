@@ -1,4 +1,9 @@
-"""The topic tree, in one place. Everything lives under ``fogsplit/v1/{fleet}``."""
+"""The topic tree, in one place. Everything lives under ``fogsplit/v1/{fleet}``.
+
+:data:`TOPICS` is the table: every kind of topic with its pattern, QoS, retain flag, payload,
+publisher and subscribers. Publishers name the kind (``service.send("result", ...)``) and the
+table decides the QoS, so a delivery decision is made here once (docs/architecture.md).
+"""
 from __future__ import annotations
 
 import re
@@ -6,6 +11,44 @@ from dataclasses import dataclass
 
 PREFIX = "fogsplit/v1"
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+@dataclass(frozen=True)
+class TopicKind:
+    """One kind of topic: where it lives under the fleet's root, and how it is delivered."""
+
+    kind: str
+    pattern: str
+    qos: int
+    retain: bool
+    payload: str
+    publisher: str
+    subscribers: str
+
+
+TOPICS: dict[str, TopicKind] = {t.kind: t for t in (
+    # Data frames: QoS 0 under an MQTT 5 topic alias. A lost packet is handled by the event
+    # deadlines exactly like a dead device (docs/architecture.md).
+    TopicKind("scores", "cell/{cell}/device/{device}/scores", 0, False, "msgpack frame", "device", "gateway"),
+    TopicKind("feature", "cell/{cell}/device/{device}/feature", 0, False, "msgpack frame", "device", "gateway"),
+    TopicKind("raw", "cell/{cell}/device/{device}/raw", 0, False, "msgpack frame", "device", "cloud (raw offload)"),
+    TopicKind("request", "cell/{cell}/request", 0, False, "msgpack frame", "gateway", "devices of the cell"),
+    # Hand-overs and answers: QoS 1, full topics (an alias could outlive its connection).
+    TopicKind("forward", "cell/{cell}/forward", 1, False, "msgpack frame", "gateway",
+              "cloud workers ($share/cloud/...)"),
+    TopicKind("result", "cell/{cell}/result", 1, False, "JSON", "gateway, cloud",
+              "applications, the cell's caches"),
+    # Presence: retained, so a tier that starts later learns who is there; the will sets offline.
+    TopicKind("device_status", "cell/{cell}/device/{device}/status", 1, True, "JSON", "device",
+              "gateway, raw offload, operators"),
+    TopicKind("device_stats", "cell/{cell}/device/{device}/stats", 0, False, "JSON", "device", "operators"),
+    TopicKind("gateway_status", "cell/{cell}/gateway/{gateway}/status", 1, True, "JSON", "gateway", "operators"),
+    TopicKind("gateway_stats", "cell/{cell}/gateway/{gateway}/stats", 0, False, "JSON", "gateway", "operators"),
+    TopicKind("cloud_status", "cloud/{worker}/status", 1, True, "JSON", "cloud", "operators"),
+    TopicKind("cmd", "cell/{cell}/cmd/{setting}", 1, False, "JSON", "operator", "gateway, devices"),
+    TopicKind("model", "model/{tier}", 1, True, "JSON", "operator", "every tier (not read yet)"),
+    TopicKind("error", "error", 1, False, "JSON", "any tier", "operators"),
+)}
 
 
 def check_name(what: str, value: str) -> str:
@@ -27,6 +70,10 @@ class Topics:
     @property
     def root(self) -> str:
         return f"{PREFIX}/{self.fleet}"
+
+    def topic(self, kind: str, **names: str) -> str:
+        """The topic of ``kind`` in :data:`TOPICS` with its placeholders filled."""
+        return f"{self.root}/{TOPICS[kind].pattern.format(**names)}"
 
     def device(self, cell: str, device: str, leaf: str) -> str:
         return f"{self.root}/cell/{cell}/device/{device}/{leaf}"
@@ -57,6 +104,9 @@ class Topics:
 
     def gateway_stats(self, cell: str, gateway: str) -> str:
         return f"{self.root}/cell/{cell}/gateway/{gateway}/stats"
+
+    def device_stats(self, cell: str, device: str) -> str:
+        return self.device(cell, device, "stats")
 
     def cloud_status(self, worker: str) -> str:
         return f"{self.root}/cloud/{worker}/status"

@@ -1,163 +1,121 @@
-"""The device agent: sensor -> device shard -> scores now, feature when the gateway asks.
+"""The device agent service: the capture loop, the device logic, and MQTT around them.
 
 Runs on a Pi-class board with onnxruntime, numpy, paho-mqtt and msgpack only.
+
+Bound on captures: one slot, latest wins. The capture loop never queues work behind a shard
+that is slower than the capture rate: a capture that arrives while the previous one still
+waits is replaced, and the replaced one is counted (``dropped_captures`` in the device's stats).
+Memory stays flat and the scores that go out are always of the newest capture.
 """
 from __future__ import annotations
 
-import time
-from collections import OrderedDict
+import json
+import threading
+from dataclasses import asdict
 
-import numpy as np
-
-from fogsplit.core.frames import FEATURE, GONE, RAW, SCORES, decode_frame, encode_events_frame, encode_slot_frame, \
-    unwrap_slot
-from fogsplit.core.cache import CacheSettings
-from fogsplit.core.commands import parse_thresholds
-from fogsplit.core.manifest import Bundle, expect_frames, raw_codec
-from fogsplit.core.transport import Message, Transport
-from fogsplit.core.results import parse_result
+from fogsplit.core.clock import SYSTEM_CLOCK, Clock
+from fogsplit.core.manifest import Bundle
 from fogsplit.core.runner import ShardRunner
 from fogsplit.core.service import Service, status_payload
+from fogsplit.core.settings import DeviceSettings
 from fogsplit.core.topics import Topics
+from fogsplit.core.transport import Transport
 
-from fogsplit.device.caching import DeviceCache
+from fogsplit.device.logic import DeviceLogic, DeviceStats, FeatureStore, run_device_shard
 from fogsplit.device.sources import Capture, Source
 
-POLICIES = ("request", "eager", "raw")
+__all__ = ["CaptureSlot", "DeviceAgent", "DeviceStats", "FeatureStore", "run_device_shard"]
 
 
-def run_device_shard(runner: ShardRunner, sample: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """One sample through the device shard: (exit logits [classes], feature)."""
-    out = runner.run(x=np.asarray(sample, dtype=np.float32)[None])
-    return out["scores"][0], out["feature"][0]
+class CaptureSlot:
+    """The one capture waiting for the shard; a newer capture replaces it (and is counted)."""
 
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._capture: Capture | None = None
+        self._wake_pending = False
+        self.dropped = 0
 
-class FeatureStore:
-    """Features kept for the gateway's request, bounded in time and count."""
+    def put(self, capture: Capture) -> bool:
+        """Hold ``capture``; True when the consumer must be woken (no wake-up is pending)."""
+        with self._lock:
+            if self._capture is not None:
+                self.dropped += 1
+            self._capture = capture
+            wake, self._wake_pending = not self._wake_pending, True
+            return wake
 
-    def __init__(self, ttl_s: float, max_items: int) -> None:
-        self.ttl_s = ttl_s
-        self.max_items = max_items
-        self._items: OrderedDict[int, tuple[float, np.ndarray]] = OrderedDict()
-        self.latest = 0
+    def wake_failed(self) -> None:
+        """The wake-up could not be delivered: let the next :meth:`put` try again."""
+        with self._lock:
+            self._wake_pending = False
 
-    def put(self, event: int, feature: np.ndarray, now: float) -> None:
-        self._items[event] = (now, feature)
-        self.latest = max(self.latest, event)
-        self.evict(now)
-
-    def get(self, event: int, now: float) -> np.ndarray | None:
-        self.evict(now)
-        item = self._items.get(event)
-        return None if item is None else item[1]
-
-    def evict(self, now: float) -> None:
-        while self._items:
-            event, (stored, _) = next(iter(self._items.items()))
-            if len(self._items) <= self.max_items and now - stored <= self.ttl_s:
-                break
-            self._items.popitem(last=False)
-
-    def __len__(self) -> int:
-        return len(self._items)
+    def take(self) -> Capture | None:
+        with self._lock:
+            capture, self._capture, self._wake_pending = self._capture, None, False
+            return capture
 
 
 class DeviceAgent(Service):
     def __init__(self, transport: Transport, topics: Topics, bundle: Bundle, *, cell: str, device: str,
-                 source: Source, policy: str = "request", feature_ttl_s: float = 10.0,
-                 keep_features: int = 1024, threads: int = 1, cache: CacheSettings | None = None) -> None:
-        super().__init__(transport, topics, f"{cell}/{device}")
-        if policy not in POLICIES:
-            raise ValueError(f"policy {policy!r} is not one of {POLICIES}")
-        self.manifest = bundle.manifest
-        self.sensor = self.manifest.sensor(device)
-        self.cell, self.device, self.policy, self.source = cell, device, policy, source
-        self.codecs = self.manifest.codecs
-        self.runner = None if policy == "raw" else ShardRunner(
-            bundle.shard_path(self.manifest.device_shard(device)), threads=threads)
+                 source: Source, settings: DeviceSettings | None = None, clock: Clock = SYSTEM_CLOCK) -> None:
+        self.settings = settings = settings or DeviceSettings()
+        super().__init__(transport, topics, f"{cell}/{device}", inbox=settings.inbox, clock=clock)
+        m = bundle.manifest
+        self.cell, self.device, self.source = cell, device, source
+        runner = None if settings.policy == "raw" else ShardRunner(bundle.shard_path(m.device_shard(device)),
+                                                                   threads=settings.threads)
+        self.logic = DeviceLogic(m, runner, cell=cell, device=device, settings=settings, clock=clock)
+        self.slot = CaptureSlot()
         self.rate = float(source.rate)
-        self.store = FeatureStore(feature_ttl_s, keep_features)
-        self.expect = expect_frames(self.manifest)
-        self.captured = 0
-        self.cache = DeviceCache(self.manifest, cache) if cache is not None and cache.enabled and policy != "raw" \
-            else None
-        self.route(topics.request(cell), self.on_request)
-        if self.cache is not None:
-            self.route(topics.result(cell), self.on_result)
-            self.route(topics.cmd(cell, "thresholds"), self.on_command)
+        identity = {"model": m.model_id, "policy": settings.policy, "rate": self.rate}
+        self.presence("device_status", topics.device_status(cell, device),
+                      lambda: status_payload("online", **identity), status_payload("offline", **identity))
+        self.route(topics.request(cell), self.logic.on_request)
+        if self.logic.cache is not None:
+            self.route(topics.result(cell), self.logic.on_result)
+            self.route(topics.cmd(cell, "thresholds"), self.logic.on_command)
+        self.every(settings.stats_period_s, self.publish_stats)
         self.spawn("capture", self._capture_loop)
 
+    @property
+    def manifest(self):
+        return self.logic.manifest
+
+    @property
+    def cache(self):
+        return self.logic.cache
+
     def start(self) -> "DeviceAgent":
-        self.transport.publish(self.topics.device_status(self.cell, self.device),
-                               status_payload("online", model=self.manifest.model_id, policy=self.policy,
-                                              rate=self.rate), retain=True)
-        self.log.info("%s: online, model %s, policy %s, %g captures/s", self.name, self.manifest.model_id,
-                      self.policy, self.rate)
-        super().start()
-        return self
+        self.log.info("%s: serving model %s, policy %s, %g captures/s", self.name, self.manifest.model_id,
+                      self.settings.policy, self.rate)
+        return super().start()
 
     def _capture_loop(self) -> None:
         for capture in self.source.captures():
-            self.submit(self.on_capture, capture)
+            if self.slot.put(capture) and not self.submit(self._process_latest):
+                self.slot.wake_failed()
 
-    def on_capture(self, capture: Capture) -> None:
-        self.captured += 1
-        model, event = self.manifest.model_id, capture.event
-        if self.policy == "raw":
-            frame = encode_slot_frame(RAW, model=model, event=event, tensor=np.asarray(capture.sample),
-                                      codec=raw_codec(self.sensor))
-            self.transport.publish(self.topics.raw(self.cell, self.device), frame, qos=0, events=[event])
-            return
-        scores, feature = run_device_shard(self.runner, capture.sample)
-        eager = self.policy == "eager"
-        vote = self.cache.vote(feature, scores, time.monotonic()) if self.cache is not None else None
-        frame = encode_slot_frame(SCORES, model=model, event=event, tensor=scores, codec=self.codecs["scores"],
-                                  feature=feature if eager else None, feature_codec=self.codecs["feature"],
-                                  vote=vote)
-        self.transport.publish(self.topics.scores(self.cell, self.device), frame, qos=0, events=[event])
-        if not eager:
-            self.store.put(event, feature, time.monotonic())
+    def _process_latest(self) -> None:
+        capture = self.slot.take()
+        if capture is not None:
+            self.apply(self.logic.on_capture(capture))
 
-    def on_result(self, msg: Message) -> None:
-        """The cell's answer to an event whose feature is still held here: teach the cache."""
-        result = parse_result(msg.payload, msg.topic)
-        now = time.monotonic()
-        held = self.store.get(result.event, now)
-        if held is not None:
-            self.cache.learn(held, result.label, result.exit, result.model, now)
+    def snapshot(self) -> DeviceStats:
+        stats = self.logic.snapshot()
+        stats.dropped_captures = self.slot.dropped
+        stats.skipped_slots = getattr(self.source, "skipped", 0)
+        stats.refused = self.refused
+        stats.inbox_dropped = self.inbox_dropped
+        stats.transport = self.transport.stats()
+        return stats
 
-    def on_command(self, msg: Message) -> None:
-        """``device_cache`` of a thresholds command sets this device's cache threshold; the
-        other keys are the gateway's."""
-        values = parse_thresholds(msg.payload, msg.topic)
-        if "device_cache" in values:
-            self.cache.cache.set_threshold(values["device_cache"])
-            self.log.info("%s: cache threshold now %s", self.name, self.cache.cache.threshold)
-
-    def on_request(self, msg: Message) -> None:
-        frame = decode_frame(msg.payload, "request", self.expect, topic=msg.topic)
-        if self.device not in frame.devices:
-            return
-        gone = []
-        now = time.monotonic()
-        for slot in frame.events:
-            event = unwrap_slot(slot, self.store.latest)
-            feature = self.store.get(event, now)
-            if feature is None:
-                gone.append(event)
-            else:
-                payload = encode_slot_frame(FEATURE, model=self.manifest.model_id, event=event, tensor=feature,
-                                            codec=self.codecs["feature"])
-                self.transport.publish(self.topics.feature(self.cell, self.device), payload, qos=0, events=[event])
-        if gone:
-            self.log.info("%s: %d requested features already dropped (first event %d)", self.name, len(gone), gone[0])
-            payload = encode_events_frame(GONE, model=self.manifest.model_id, events=gone)
-            self.transport.publish(self.topics.feature(self.cell, self.device), payload, qos=0, events=gone)
+    def publish_stats(self) -> None:
+        self.send("device_stats", self.topics.device_stats(self.cell, self.device),
+                  json.dumps(asdict(self.snapshot())).encode())
 
     def on_stop(self) -> None:
         stop = getattr(self.source, "stop", None)
         if stop:
             stop()
-        self.transport.publish(self.topics.device_status(self.cell, self.device), status_payload("offline"),
-                               retain=True)
-        self.log.info("%s: offline after %d captures", self.name, self.captured)
+        self.log.info("%s: stopping; %s", self.name, json.dumps(asdict(self.snapshot())))

@@ -34,7 +34,14 @@ class ReplaySource:
 
     ``start_slot`` fixes which slot plays sample 0 (the demo sets it for the whole cell);
     without it, slot ``n`` plays sample ``n mod N``, so independently started devices agree.
+
+    Pacing never bursts: a source that fell behind its schedule (the process was frozen, the
+    machine overloaded) skips to the current slot instead of firing every missed capture at
+    once, and counts the slots it skipped in ``skipped``. A lag shorter than ``CATCH_UP_S`` is
+    scheduling jitter and is caught up, so that no event of a replay is lost to it.
     """
+
+    CATCH_UP_S = 1.0
 
     def __init__(self, samples: np.ndarray, *, rate: float, start_slot: int | None = None,
                  count: int | None = None, loop: bool = False) -> None:
@@ -47,6 +54,7 @@ class ReplaySource:
         self.start_slot = start_slot
         self.count = count if count is not None else (None if loop else len(samples))
         self._stop = False
+        self.skipped = 0
 
     def stop(self) -> None:
         self._stop = True
@@ -59,6 +67,12 @@ class ReplaySource:
             delay = due - time.time()
             if delay > 0:
                 time.sleep(delay)
+            elif -delay > max(self.CATCH_UP_S, 2 / self.rate):
+                now_slot = math.floor(time.time() * self.rate)
+                self.skipped += now_slot - slot
+                slot = now_slot
+                if self.count is not None and slot - first >= self.count:
+                    return
             if self._stop:
                 return
             index = (slot - self.start_slot) if self.start_slot is not None else slot

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from fogsplit.export.shards import count_cost
 
-log = logging.getLogger("fogsplit.export.prune")
+log = logging.getLogger(__name__)
 
 Importance = Callable[[tp.dependency.Group], Tensor]
 TOLERANCE = 0.02          # the achieved cut must be within 2 points of the target

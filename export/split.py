@@ -26,7 +26,7 @@ from fogsplit.core.dataset import Dataset
 from fogsplit.export.model import DDNN, ModelSpec
 from fogsplit.export.train import train
 
-log = logging.getLogger("fogsplit.export.split")
+log = logging.getLogger(__name__)
 
 
 def channels_for_budget(spec: ModelSpec, codec: CodecSpec, budget_bytes: int) -> int:

@@ -22,7 +22,7 @@ from fogsplit.export.datasets import SHAPES, render_views, sample_views
 VGG16_CFG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
 PREDICT_BATCH = 256
 
-log = logging.getLogger("fogsplit.export.vgg")
+log = logging.getLogger(__name__)
 
 
 class VGG(nn.Module):

@@ -81,7 +81,6 @@ def live_gateway():
         live.watcher.connect()
         live.gateway.start()
         started.append((live, transport))
-        time.sleep(0.3)
         return live
 
     yield start

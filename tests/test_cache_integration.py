@@ -4,10 +4,12 @@ from __future__ import annotations
 import json
 import time
 
+import msgspec
 import numpy as np
 import pytest
 
 from fogsplit.core.cache import CacheSettings
+from fogsplit.core.settings import DeviceCacheSettings, DeviceSettings
 from fogsplit.bench.harness import stream_test_set, summarize
 from fogsplit.export.streams import redundant_images
 from fogsplit.gateway.gateway import GatewaySettings
@@ -101,7 +103,8 @@ def test_device_cache_threshold_changes_by_command(broker, bundle):
     topics, cell, sensor = Topics(f"devcmd{time.monotonic_ns() % 10**6}"), "c4", bundle.manifest.sensor_names[0]
     samples = np.zeros((1, *bundle.manifest.sensor(sensor).shape), np.uint8)
     agent = DeviceAgent(MqttTransport(broker, f"dev-{topics.fleet}"), topics, bundle, cell=cell, device=sensor,
-                        source=ReplaySource(samples, rate=5.0, count=1), cache=CACHE)
+                        source=ReplaySource(samples, rate=5.0, count=1),
+                        settings=DeviceSettings(cache=DeviceCacheSettings(**msgspec.structs.asdict(CACHE))))
     watcher = MqttTransport(broker, f"watch-{topics.fleet}")
     errors: list[dict] = []
     watcher.subscribe(topics.error, lambda msg: errors.append(json.loads(msg.payload)))

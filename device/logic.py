@@ -1,0 +1,186 @@
+"""The device agent as a plain object: a capture, a request or a result in, frames out.
+
+The device shard turns a capture into class scores (published at once) and a feature (kept a
+while for the gateway's request, or sent with the scores under the ``eager`` policy); the
+``raw`` policy sends the sample itself to the cloud-only baseline. No MQTT, no threads: the
+service in device/agent.py owns the capture loop and maps the returned actions to topics.
+"""
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+
+from fogsplit.core.actions import Action, Send, refusing
+from fogsplit.core.clock import Clock
+from fogsplit.core.commands import parse_thresholds
+from fogsplit.core.frames import FEATURE, GONE, RAW, SCORES, decode_frame, encode_events_frame, encode_slot_frame, \
+    unwrap_slot
+from fogsplit.core.manifest import Manifest, expect_frames, raw_codec
+from fogsplit.core.results import parse_result
+from fogsplit.core.runner import ShardRunner
+from fogsplit.core.settings import DeviceSettings
+from fogsplit.core.transport import Message
+
+from fogsplit.device.caching import DeviceCache
+from fogsplit.device.sources import Capture
+
+log = logging.getLogger(__name__)
+
+
+def run_device_shard(runner: ShardRunner, sample: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One sample through the device shard: (exit logits [classes], feature)."""
+    out = runner.run(x=np.asarray(sample, dtype=np.float32)[None])
+    return out["scores"][0], out["feature"][0]
+
+
+class FeatureStore:
+    """Features kept for the gateway's request. Bounds: ``max_items`` (the oldest goes first) and
+    ``ttl_s``; a request for a feature no longer held is answered with a ``gone`` notice."""
+
+    def __init__(self, ttl_s: float, max_items: int) -> None:
+        self.ttl_s = ttl_s
+        self.max_items = max_items
+        self._items: OrderedDict[int, tuple[float, np.ndarray]] = OrderedDict()
+        self.latest = 0
+        self.evicted = 0
+
+    def put(self, event: int, feature: np.ndarray, now: float) -> None:
+        self._items[event] = (now, feature)
+        self.latest = max(self.latest, event)
+        self.evict(now)
+
+    def get(self, event: int, now: float) -> np.ndarray | None:
+        self.evict(now)
+        item = self._items.get(event)
+        return None if item is None else item[1]
+
+    def evict(self, now: float) -> None:
+        while self._items:
+            stored, _ = next(iter(self._items.values()))
+            if len(self._items) <= self.max_items and now - stored <= self.ttl_s:
+                break
+            self._items.popitem(last=False)
+            self.evicted += 1
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+@dataclass
+class DeviceStats:
+    """The snapshot published on ``.../device/{dev}/stats``."""
+
+    device: str
+    cell: str
+    model: str
+    policy: str
+    time: float = 0.0
+    processed: int = 0
+    dropped_captures: int = 0     # latest-wins: a capture replaced before the shard could take it
+    skipped_slots: int = 0        # the source fell behind its schedule and skipped ahead
+    features_held: int = 0
+    features_evicted: int = 0
+    requests: int = 0
+    features_sent: int = 0
+    gone: int = 0
+    refused: int = 0
+    inbox_dropped: int = 0
+    transport: dict | None = None
+
+
+class DeviceLogic:
+    def __init__(self, manifest: Manifest, runner: ShardRunner | None, *, cell: str, device: str,
+                 settings: DeviceSettings, clock: Clock) -> None:
+        if settings.policy != "raw" and runner is None:
+            raise ValueError(f"policy {settings.policy!r} runs the device shard: give its runner")
+        self.manifest = manifest
+        self.sensor = manifest.sensor(device)
+        self.cell, self.device, self.settings, self.clock = cell, device, settings, clock
+        self.name = f"{cell}/{device}"
+        self.runner = runner
+        self.codecs = manifest.codecs
+        self.expect = expect_frames(manifest)
+        self.store = FeatureStore(settings.feature_ttl_s, settings.keep_features)
+        cache = settings.cache
+        self.cache = DeviceCache(manifest, cache) if cache is not None and cache.enabled and settings.policy != "raw" \
+            else None
+        self.stats = DeviceStats(device=device, cell=cell, model=manifest.model_id, policy=settings.policy)
+
+    def _send(self, kind: str, payload: bytes, events: list[int]) -> Send:
+        return Send(self.cell, self.device, kind, payload, tuple(events))
+
+    def on_capture(self, capture: Capture) -> list[Action]:
+        self.stats.processed += 1
+        model, event = self.manifest.model_id, capture.event
+        if self.settings.policy == "raw":
+            frame = encode_slot_frame(RAW, model=model, event=event, tensor=np.asarray(capture.sample),
+                                      codec=raw_codec(self.sensor))
+            return [self._send("raw", frame, [event])]
+        scores, feature = run_device_shard(self.runner, capture.sample)
+        eager = self.settings.policy == "eager"
+        now = self.clock.monotonic()
+        vote = self.cache.vote(feature, scores, now) if self.cache is not None else None
+        frame = encode_slot_frame(SCORES, model=model, event=event, tensor=scores, codec=self.codecs["scores"],
+                                  feature=feature if eager else None, feature_codec=self.codecs["feature"],
+                                  vote=vote)
+        if not eager:
+            self.store.put(event, feature, now)
+        return [self._send("scores", frame, [event])]
+
+    @refusing
+    def on_request(self, msg: Message) -> list[Action]:
+        frame = decode_frame(msg.payload, "request", self.expect, topic=msg.topic)
+        if self.device not in frame.devices:
+            return []
+        self.stats.requests += 1
+        now = self.clock.monotonic()
+        actions: list[Action] = []
+        gone = []
+        for slot in frame.events:
+            event = unwrap_slot(slot, self.store.latest)
+            feature = self.store.get(event, now)
+            if feature is None:
+                gone.append(event)
+                continue
+            payload = encode_slot_frame(FEATURE, model=self.manifest.model_id, event=event, tensor=feature,
+                                        codec=self.codecs["feature"])
+            actions.append(self._send("feature", payload, [event]))
+            self.stats.features_sent += 1
+        if gone:
+            self.stats.gone += len(gone)
+            log.info("%s: %d requested features already dropped (first event %d)", self.name, len(gone), gone[0])
+            actions.append(self._send("feature", encode_events_frame(GONE, model=self.manifest.model_id, events=gone),
+                                      gone))
+        return actions
+
+    @refusing
+    def on_result(self, msg: Message) -> list[Action]:
+        """The cell's answer to an event whose feature is still held here: teach the cache."""
+        if self.cache is None:
+            return []
+        result = parse_result(msg.payload, msg.topic)
+        now = self.clock.monotonic()
+        held = self.store.get(result.event, now)
+        if held is not None:
+            self.cache.learn(held, result.label, result.exit, result.model, now)
+        return []
+
+    @refusing
+    def on_command(self, msg: Message) -> list[Action]:
+        """``device_cache`` of a thresholds command sets this device's cache threshold; the other
+        keys are the gateway's."""
+        values = parse_thresholds(msg.payload, msg.topic)
+        if "device_cache" in values and self.cache is not None:
+            self.cache.cache.set_threshold(values["device_cache"])
+            log.info("%s: cache threshold now %s", self.name, self.cache.cache.threshold)
+        return []
+
+    def snapshot(self) -> DeviceStats:
+        s = self.stats
+        s.time = round(self.clock.time(), 3)
+        s.features_held = len(self.store)
+        s.features_evicted = self.store.evicted
+        return DeviceStats(**vars(s))

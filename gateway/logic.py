@@ -1,0 +1,264 @@
+"""The gateway of one cell as a plain object: messages and the clock in, actions out.
+
+No MQTT, no threads, no sleeping: ``on_scores``, ``on_feature``, ``on_status``, ``on_command``,
+``on_result`` and ``on_timer(now)`` each return the actions to publish (core/actions.py), and
+the service in gateway/gateway.py maps them to topics. An event goes:
+
+scores of the cell's online devices (or its deadline)
+  -> fuse, local exit?                                -> Answer (local)
+  -> the devices' cache votes agree?                  -> Answer (cache)
+  -> RequestFeatures from the devices that lack one   (feature deadline)
+  -> fuse the features, gateway cache hit?            -> Answer (cache)
+  -> gateway shard, edge exit?                        -> Answer (edge)
+  -> Forward to the cloud
+A request nobody answers in time answers from the local exit, marked degraded.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from fogsplit.core.actions import Action, Answer, Forward, RequestFeatures, refusing
+from fogsplit.core.assembly import Assembler, Event
+from fogsplit.core.clock import Clock
+from fogsplit.core.commands import parse_thresholds
+from fogsplit.core.errors import FrameError
+from fogsplit.core.frames import GONE, REQUEST, encode_events_frame, encode_forward_frame, to_slot
+from fogsplit.core.fusion import fuse
+from fogsplit.core.manifest import Manifest, expect_frames
+from fogsplit.core.results import EXIT_TIERS, make_result, parse_result
+from fogsplit.core.roster import Roster, decode_device_frame, parse_status
+from fogsplit.core.runner import ShardRunner
+from fogsplit.core.settings import GatewaySettings
+from fogsplit.core.topics import device_of
+from fogsplit.core.transport import Message
+
+from fogsplit.gateway.caching import GatewayCache, vote_logits
+from fogsplit.gateway.stages import edge_stage, local_stage
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class GatewayStats:
+    """The snapshot published on ``.../gateway/{gw}/stats``."""
+
+    gateway: str
+    cell: str
+    model: str
+    time: float = 0.0
+    uptime_s: float = 0.0
+    events: int = 0
+    exits: dict[str, int] = field(default_factory=lambda: dict.fromkeys(EXIT_TIERS, 0))
+    degraded: int = 0
+    requests: int = 0
+    refused: int = 0
+    open_events: int = 0
+    online_devices: list[str] = field(default_factory=list)
+    rejoined: int = 0
+    bytes_out: int = 0
+    shard_runs: int = 0
+    inbox_dropped: int = 0
+    transport: dict = field(default_factory=dict)
+    cache: dict = field(default_factory=dict)
+
+
+class GatewayLogic:
+    def __init__(self, manifest: Manifest, runner: ShardRunner, *, cell: str, gateway: str,
+                 settings: GatewaySettings, clock: Clock) -> None:
+        self.manifest = m = manifest
+        self.runner = runner
+        self.cell, self.gateway, self.settings, self.clock = cell, gateway, settings, clock
+        self.name = f"{cell}/{gateway}"
+        self.sensors = m.sensor_names
+        overrides = {"local": settings.local_threshold, "edge": settings.edge_threshold}
+        self.thresholds = {**m.thresholds, **{k: v for k, v in overrides.items() if v is not None}}
+        self.expect = expect_frames(m)
+        self.roster = Roster(m.model_id, default_rate=settings.capture_rate)
+        self.assembler = Assembler(self.sensors, settings.deadline_ms / 1000.0, max_open=settings.max_open)
+        self.cache = GatewayCache(m, settings.cache, hold_s=settings.hold_s, max_held=settings.max_held) \
+            if settings.cache is not None and settings.cache.enabled else None
+        self.stats = GatewayStats(gateway=gateway, cell=cell, model=m.model_id)
+        self.started = clock.monotonic()
+
+    # -- inputs ---------------------------------------------------------------------------
+    @refusing
+    def on_scores(self, msg: Message) -> list[Action]:
+        got = self._device_frame(msg)
+        frame, device, event = got.frame, got.device, got.event
+        ev = self.assembler.add(event, device, frame.tensor, got.captured, self.clock.monotonic())
+        opened = self.assembler.open.get(event)
+        if opened is not None:
+            if frame.feature is not None:
+                opened.features[device] = frame.feature
+            if self.cache is not None and opened.stage == "scores":
+                opened.votes[device] = frame.vote
+        return self._decide_local(ev) if ev is not None else []
+
+    @refusing
+    def on_feature(self, msg: Message) -> list[Action]:
+        got = self._device_frame(msg)
+        frame, device = got.frame, got.device
+        if frame.kind == GONE:
+            actions: list[Action] = []
+            for ev in list(self.assembler.open.values()):
+                if ev.stage == "features" and to_slot(ev.event) in frame.events:
+                    ev.waiting_for = ev.waiting_for - {device}
+                    actions += self._maybe_run_edge(ev)
+            return actions
+        ev = self.assembler.open.get(got.event)
+        if ev is None:
+            return []
+        ev.features[device] = frame.tensor
+        if ev.stage != "features":
+            return []
+        ev.waiting_for = ev.waiting_for - {device}
+        return self._maybe_run_edge(ev)
+
+    @refusing
+    def on_status(self, msg: Message) -> list[Action]:
+        device = device_of(msg.topic)
+        status = parse_status(msg.payload, device, msg.topic)
+        if device not in self.sensors:
+            return []
+        self.roster.update(device, status)
+        if status.state == "online" and status.model not in (None, self.manifest.model_id):
+            self.assembler.online.discard(device)
+            raise FrameError("model", f"{device!r} came online with model {status.model!r}, this gateway runs "
+                                      f"{self.manifest.model_id!r}; its frames are refused", device=device,
+                             topic=msg.topic)
+        if status.state == "online":
+            self.assembler.online.add(device)
+        else:
+            self.assembler.online.discard(device)
+        log.info("%s: device %s is %s; waiting for %s", self.name, device, status.state,
+                 sorted(self.assembler.expected()))
+        return self._stop_waiting_for(device) if status.state == "offline" else []
+
+    @refusing
+    def on_command(self, msg: Message) -> list[Action]:
+        values = parse_thresholds(msg.payload, msg.topic)
+        values.pop("device_cache", None)          # the devices' to apply
+        if "cache" in values:
+            if self.cache is None:
+                raise FrameError("cmd", "thresholds: this gateway runs no cache, so 'cache' cannot be set",
+                                 topic=msg.topic)
+            self.cache.cache.set_threshold(values.pop("cache"))
+        self.thresholds.update(values)
+        log.info("%s: exit thresholds now %s, cache threshold %s", self.name, self.thresholds,
+                 self.cache.cache.threshold if self.cache is not None else None)
+        return []
+
+    @refusing
+    def on_result(self, msg: Message) -> list[Action]:
+        """The cell's results (the cloud's among them): fill the cache with answers to held forwards."""
+        if self.cache is not None:
+            result = parse_result(msg.payload, msg.topic)
+            self.cache.on_result(result.event, result.label, result.exit, result.model, self.clock.monotonic())
+        return []
+
+    def next_deadline(self) -> float | None:
+        return self.assembler.next_deadline()
+
+    def on_timer(self, now: float) -> list[Action]:
+        actions: list[Action] = []
+        for ev in self.assembler.expired(now):
+            actions += self._decide_local(ev) if ev.stage == "scores" else self._run_edge(ev)
+        return actions
+
+    def snapshot(self) -> GatewayStats:
+        s = self.stats
+        s.time = round(self.clock.time(), 3)
+        s.uptime_s = round(self.clock.monotonic() - self.started, 1)
+        s.open_events = len(self.assembler.open)
+        s.online_devices = sorted(self.assembler.expected())
+        s.cache = self.cache.snapshot() if self.cache is not None else {}
+        return GatewayStats(**{k: (dict(v) if isinstance(v, dict) else list(v) if isinstance(v, list) else v)
+                               for k, v in vars(s).items()})
+
+    # -- stages ---------------------------------------------------------------------------
+    def _device_frame(self, msg: Message):
+        got = decode_device_frame(msg.payload, msg.topic, self.expect, self.roster, self.clock.time())
+        if self.roster.saw_frame(got.device):
+            self.stats.rejoined += 1
+            self.assembler.online.add(got.device)
+            log.info("%s: device %s sent a frame while marked offline: online again", self.name, got.device)
+        return got
+
+    def _stop_waiting_for(self, device: str) -> list[Action]:
+        """A device went offline: the open events that waited only for it go on at once."""
+        actions: list[Action] = []
+        for ev in list(self.assembler.open.values()):
+            if ev.stage == "scores" and ev.parts and self.assembler.expected() <= set(ev.parts):
+                actions += self._decide_local(ev)
+            elif ev.stage == "features" and device in ev.waiting_for:
+                ev.waiting_for = ev.waiting_for - {device}
+                actions += self._maybe_run_edge(ev)
+        return actions
+
+    def _decide_local(self, ev: Event) -> list[Action]:
+        self.stats.events += 1
+        decision = local_stage(ev.parts, self.sensors, self.manifest.local_fusion, self.thresholds["local"])
+        ev.local_logits = decision.logits
+        if decision.exits:
+            return self._answer(ev, decision.logits, "local")
+        if self.cache is not None:
+            label = self.cache.devices_agree(ev.votes, len(ev.parts))
+            if label is not None:
+                share = sum(v == label for v in ev.votes.values()) / max(len(ev.parts), 1)
+                return self._answer(ev, vote_logits(label, share, self.manifest.num_classes), "cache")
+        missing = frozenset(ev.parts) - set(ev.features)
+        ev.stage = "features"
+        ev.waiting_for = missing
+        ev.deadline = self.clock.monotonic() + self.settings.feature_deadline_ms / 1000.0
+        if not missing:
+            return self._run_edge(ev)
+        self.stats.requests += 1
+        devices = tuple(sorted(missing))
+        payload = encode_events_frame(REQUEST, model=self.manifest.model_id, events=[ev.event], devices=devices,
+                                      sensors=self.expect.sensors)
+        return [RequestFeatures(self.cell, (ev.event,), devices, payload)]
+
+    def _maybe_run_edge(self, ev: Event) -> list[Action]:
+        return [] if ev.waiting_for else self._run_edge(ev)
+
+    def _run_edge(self, ev: Event) -> list[Action]:
+        features = {d: f for d, f in ev.features.items() if d in ev.parts}
+        if not features:
+            log.warning("%s: event %d got no features in time; answering from the local exit", self.name, ev.event)
+            self.stats.degraded += 1
+            return self._answer(ev, ev.local_logits, "local", degraded=True)
+        fused = fuse(features, self.sensors, self.manifest.edge_fusion)
+        now = self.clock.monotonic()
+        devices = sorted(features)
+        if self.cache is not None:
+            vote = self.cache.lookup(fused, now)
+            if vote.hit:
+                share = float(vote.distribution[vote.label])
+                return self._answer(ev, vote_logits(vote.label, share, self.manifest.num_classes), "cache",
+                                    devices=devices)
+        decision, edge_feature = edge_stage(self.runner, fused, self.thresholds["edge"])
+        self.stats.shard_runs += 1
+        if decision.exits:
+            if self.cache is not None:
+                self.cache.learn(fused, int(np.argmax(decision.logits)), "edge", self.manifest.model_id, now)
+            return self._answer(ev, decision.logits, "edge", devices=devices)
+        if self.cache is not None:
+            self.cache.hold(ev.event, fused, now)
+        payload = encode_forward_frame(model=self.manifest.model_id, event=ev.event, captured=ev.captured,
+                                       devices=tuple(devices), sensors=self.expect.sensors, tensor=edge_feature,
+                                       codec=self.manifest.codecs["forward"])
+        self.stats.exits["cloud"] += 1
+        self.assembler.finish(ev.event)
+        return [Forward(self.cell, ev.event, payload)]
+
+    def _answer(self, ev: Event, logits: np.ndarray, tier: str, *, devices: list[str] | None = None,
+                degraded: bool = False) -> list[Action]:
+        result = make_result(logits, event=ev.event, exit=tier, classes=self.manifest.classes,
+                             devices=devices or ev.devices, captured=ev.captured, model=self.manifest.model_id,
+                             now=self.clock.time(), degraded=degraded)
+        self.stats.exits[tier] += 1
+        self.assembler.finish(ev.event)
+        return [Answer(self.cell, result)]
