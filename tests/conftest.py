@@ -10,6 +10,17 @@ import pytest
 
 from fogsplit.bench.embedded import EmbeddedBroker, mosquitto_binary
 
+BROKER_FIXTURES = {"mosquitto", "embedded", "broker", "central"}   # central: tests/test_compose.py
+
+
+def pytest_collection_modifyitems(items) -> None:
+    """Mark every test that talks to a real broker, so that ``-m "not slow and not broker"``
+    runs the broker-free part of the suite (the logic of every tier, formats, settings)."""
+    for item in items:
+        if BROKER_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.broker)
+
+
 @pytest.fixture(scope="session")
 def mosquitto() -> str:
     """A private Mosquitto on a free port, with its own config file (never the shared 1883)."""

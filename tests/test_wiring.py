@@ -23,6 +23,8 @@ from fogsplit.gateway.gateway import Gateway
 
 RATE = 50.0
 
+pytestmark = pytest.mark.slow      # the bundle it streams through is trained
+
 
 @pytest.mark.parametrize("policy, local", [("request", None), ("request", 0.0), ("eager", 0.0)])
 def test_every_event_is_answered_once_through_the_in_memory_broker(bundle_dir, small_data, policy, local):
