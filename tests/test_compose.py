@@ -770,7 +770,7 @@ def test_role_accounts_cannot_pose_as_devices(connect):
 def _topic_table(t: Topics) -> dict[str, str]:
     return {"scores/cam0": t.scores(CELL, "cam0"), "feature/cam0": t.feature(CELL, "cam0"),
             "raw/cam0": t.raw(CELL, "cam0"), "status/cam0": t.device_status(CELL, "cam0"),
-            "scores/cam1": t.scores(CELL, "cam1"), "request": t.request(CELL), "forward": t.forward(CELL),
+            "stats/cam0": t.device_stats(CELL, "cam0"), "scores/cam1": t.scores(CELL, "cam1"), "request": t.request(CELL), "forward": t.forward(CELL),
             "result": t.result(CELL), "gw-status": t.gateway_status(CELL, "gw0"),
             "gw-stats": t.gateway_stats(CELL, "gw0"), "cloud-status": t.cloud_status("cloud0"),
             "cmd": t.cmd(CELL, "thresholds"), "model": t.model("gateway"), "error": t.error}
@@ -778,7 +778,7 @@ def _topic_table(t: Topics) -> dict[str, str]:
 
 ALL_KEYS = set(_topic_table(Topics()))
 MAY_PUBLISH = {
-    "cam0": {"scores/cam0", "feature/cam0", "raw/cam0", "status/cam0", "error"},
+    "cam0": {"scores/cam0", "feature/cam0", "raw/cam0", "status/cam0", "stats/cam0", "error"},
     "cam1": {"scores/cam1", "error"},
     "gateway": {"request", "forward", "result", "gw-status", "gw-stats", "error"},
     "cloud": {"result", "cloud-status", "error"},
