@@ -88,7 +88,9 @@ class Service:
     def apply(self, actions: Iterable[Action] | None) -> None:
         for action in actions or ():
             if isinstance(action, Answer):
-                self.send("result", self.topics.result(action.cell), action.result.to_json(), [action.result.event])
+                # The answer itself is charged to no event: bytes per event count what it takes
+                # to reach an answer, the same for every system compared (docs/communication.md).
+                self.send("result", self.topics.result(action.cell), action.result.to_json())
             elif isinstance(action, RequestFeatures):
                 self.send("request", self.topics.request(action.cell), action.payload, action.events)
             elif isinstance(action, Forward):
