@@ -13,6 +13,7 @@ from fogsplit.core.dataset import Dataset
 from fogsplit.core.errors import BundleError
 from fogsplit.core.manifest import load_bundle
 from fogsplit.core.results import EXIT_TIERS
+from fogsplit.core.signing import sign_ephemeral
 from fogsplit.export.datasets import load_data
 
 log = logging.getLogger(__name__)
@@ -46,11 +47,13 @@ def check_matches(manifest, dataset: Dataset) -> None:
 
 def run_demo(*, data: str = "images", broker: str | None = None, events: int | None = None, rate: float = 25.0,
              options=None, workdir=None, fleet: str = "demo", cell: str = "cell0", seed: int = 0,
-             bundle=None) -> dict:
+             bundle=None, trusted_keys=(), allow_unsigned: bool = False) -> dict:
     """Train, export, start the tiers against ``broker`` (an embedded one if None), stream, report.
 
     With ``bundle`` (a directory) nothing is trained: that bundle is streamed as it is, which is
-    how a pruned or otherwise re-exported bundle is shown to run unchanged."""
+    how a pruned or otherwise re-exported bundle is shown to run unchanged; it is loaded as a
+    tier would load it (``trusted_keys``, ``allow_unsigned``). A bundle trained here is signed
+    with a one-off key and loaded trusting that key alone."""
     from fogsplit.export.pipeline import ExportOptions, export_bundle  # torch: only when training
 
     options = options or ExportOptions(seed=seed)
@@ -60,9 +63,10 @@ def run_demo(*, data: str = "images", broker: str | None = None, events: int | N
         if bundle is None:
             bundle_dir = Path(workdir) / "bundle" if workdir else Path(tmp) / "bundle"
             train_seconds = export_bundle(dataset, bundle_dir, options).seconds["train"]
+            trusted_keys, allow_unsigned = [sign_ephemeral(bundle_dir)], False
         else:
             bundle_dir, train_seconds = Path(bundle), 0.0
-        bundle = load_bundle(bundle_dir)
+        bundle = load_bundle(bundle_dir, trusted_keys=trusted_keys, allow_unsigned=allow_unsigned)
         check_matches(bundle.manifest, dataset)
         test = dataset.test()
         embedded = None if broker else EmbeddedBroker().start()

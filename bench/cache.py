@@ -39,6 +39,7 @@ from fogsplit.bench.harness import percentiles, stream_test_set, summarize
 from fogsplit.gateway.gateway import GatewaySettings
 from fogsplit.bench.embedded import EmbeddedBroker
 from fogsplit.core.manifest import load_bundle
+from fogsplit.core.signing import load_public_key, sign_ephemeral
 from fogsplit.export.datasets import multiview_images
 from fogsplit.export.streams import redundant_images
 
@@ -252,6 +253,9 @@ def _scenarios(text: str) -> tuple[str, ...]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fogsplit bench cache", description=__doc__.split("\n")[0])
     p.add_argument("--bundle", type=Path, help="an exported images bundle (default: train one)")
+    p.add_argument("--trusted-key", action="append", default=[], metavar="PATH",
+                   help="with --bundle: a public key (.pub) whose signature on it is trusted; repeatable")
+    p.add_argument("--allow-unsigned", action="store_true", help="with --bundle: accept it without a signature")
     p.add_argument("--train-events", type=int, default=4000, help="events to train a bundle on (default 4000)")
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
@@ -288,7 +292,12 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="fogsplit-cache-") as tmp:
-        bundle = load_bundle(args.bundle or train_bundle(Path(tmp) / "bundle", args))
+        if args.bundle:
+            bundle = load_bundle(args.bundle, trusted_keys=[load_public_key(k) for k in args.trusted_key],
+                                 allow_unsigned=args.allow_unsigned)
+        else:
+            trained = train_bundle(Path(tmp) / "bundle", args)
+            bundle = load_bundle(trained, trusted_keys=[sign_ephemeral(trained)])
         embedded = None if args.broker else EmbeddedBroker().start()
         url = args.broker or embedded.url
         fleet = f"cache{int(time.time()) % 100000}"

@@ -36,6 +36,7 @@ from fogsplit.bench.embedded import EmbeddedBroker
 from fogsplit.bench.harness import stream_test_set, summarize
 from fogsplit.bench.report import write_json
 from fogsplit.core.manifest import Bundle, load_bundle
+from fogsplit.core.signing import sign_ephemeral
 from fogsplit.export.datasets import BUILTIN, load_data
 from fogsplit.gateway.gateway import GatewaySettings
 
@@ -76,7 +77,7 @@ def export_setting(setting: Setting, data, workdir: Path, *, epochs: int | None,
     started = time.perf_counter()
     export_bundle(data, out, options)
     log.info("exported %s in %.0fs", setting.name, time.perf_counter() - started)
-    return load_bundle(out)
+    return load_bundle(out, trusted_keys=[sign_ephemeral(out)])
 
 
 def measure(url: str, bundle: Bundle, test, *, rate: float, policy: str = "request",

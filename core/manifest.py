@@ -1,7 +1,9 @@
-"""The bundle: a directory with manifest.json and the ONNX shards it lists.
+"""The bundle: a directory with manifest.json, its signature manifest.sig, and the ONNX shards
+it lists.
 
-A tier loads only a verified bundle: every shard it runs must match its sha256, and the
-model id must match the manifest's content, so a frame from another model version is refused.
+A tier loads only a verified bundle: manifest.json must carry a trusted signature
+(:mod:`fogsplit.core.signing`, docs/signing.md), every shard it runs must match its sha256, and
+the model id must match the manifest's content, so a frame from another model version is refused.
 """
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, Sequence
 
 import msgspec
 import numpy as np
@@ -17,6 +19,7 @@ import numpy as np
 from fogsplit.core.codecs import CodecSpec, payload_bytes
 from fogsplit.core.errors import BundleError
 from fogsplit.core.frames import FEATURE, FORWARD, RAW, SCORES, Expect
+from fogsplit.core.signing import SIGNATURE, PublicKey, verify_manifest
 from fogsplit.core.validation import load
 
 SCHEMA_VERSION = 1
@@ -183,9 +186,11 @@ def sha256_file(path: Path) -> str:
 
 
 def write_manifest(manifest: Manifest, bundle_dir: Path) -> Manifest:
-    """Stamp the model id and write manifest.json; returns the stamped manifest."""
+    """Stamp the model id and write manifest.json (dropping the old manifest.sig, which no longer
+    matches); returns the stamped manifest."""
     manifest = replace(manifest, model_id=compute_model_id(manifest))
     (Path(bundle_dir) / MANIFEST).write_text(json.dumps(manifest.to_dict(), indent=2) + "\n")
+    (Path(bundle_dir) / SIGNATURE).unlink(missing_ok=True)   # it signed the manifest just replaced
     return manifest
 
 
@@ -239,27 +244,62 @@ def _check_compression(m: Manifest, source: str) -> None:
 
 @dataclass(frozen=True)
 class Bundle:
-    """A verified bundle on disk."""
+    """A verified bundle on disk; ``signed_by`` is the id of the key that signed it, or None
+    for an unsigned bundle loaded under ``allow_unsigned``."""
 
     path: Path
     manifest: Manifest
+    signed_by: str | None = None
 
     def shard_path(self, shard: ShardSpec) -> Path:
         return self.path / shard.file
 
 
-def load_bundle(path: str | Path, *, shards: list[str] | None = None) -> Bundle:
-    """Read and verify a bundle. ``shards`` names the shards this tier will run (all by default);
-    each must exist and match its sha256."""
+def load_bundle(path: str | Path, *, shards: list[str] | None = None,
+                trusted_keys: Sequence[Path | PublicKey] = (), allow_unsigned: bool = False) -> Bundle:
+    """Read and verify a bundle: first manifest.json's signature by one of ``trusted_keys``
+    (an unsigned bundle only with ``allow_unsigned``; a signed one is always checked), then the
+    manifest itself, then each shard in ``shards`` (all by default): it must exist and match its
+    sha256. A refused signature raises :class:`~fogsplit.core.signing.SignatureError`."""
     path = Path(path)
+    raw = _read_manifest(path)
+    unsigned_allowed = allow_unsigned and not (path / SIGNATURE).exists()
+    signed_by = None if unsigned_allowed else verify_manifest(path, raw, trusted_keys)
+    manifest = _parse_bytes(raw, path / MANIFEST)
+    _check_shards(path, manifest, shards)
+    return Bundle(path=path, manifest=manifest, signed_by=signed_by)
+
+
+def check_bundle_contents(path: str | Path) -> Manifest:
+    """The manifest of ``path`` with every shard checked against it, its signature left aside:
+    what ``fogsplit sign`` checks before it signs. Services take a :class:`Bundle`, which only
+    :func:`load_bundle` makes."""
+    path = Path(path)
+    raw = _read_manifest(path)
+    manifest = _parse_bytes(raw, path / MANIFEST)
+    _check_shards(path, manifest, None)
+    return manifest
+
+
+def _read_manifest(path: Path) -> bytes:
     manifest_file = path / MANIFEST
     if not manifest_file.is_file():
         raise BundleError(f"{path}: no {MANIFEST} (is this a bundle directory written by 'fogsplit export'?)")
     try:
-        data = json.loads(manifest_file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return manifest_file.read_bytes()
+    except OSError as exc:
+        raise BundleError(f"{manifest_file}: cannot read it ({exc.strerror or exc})") from None
+
+
+def _parse_bytes(raw: bytes, manifest_file: Path) -> Manifest:
+    try:
+        data = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BundleError(f"{manifest_file}: not valid JSON ({exc})") from exc
-    manifest = parse_manifest(data, str(manifest_file))
+    return parse_manifest(data, str(manifest_file))
+
+
+def _check_shards(path: Path, manifest: Manifest, shards: list[str] | None) -> None:
     wanted = manifest.shards if shards is None else [manifest.shard(n) for n in shards]
     for shard in wanted:
         file = path / shard.file
@@ -269,7 +309,6 @@ def load_bundle(path: str | Path, *, shards: list[str] | None = None) -> Bundle:
         if digest != shard.sha256:
             raise BundleError(f"{file}: sha256 {digest[:12]}... does not match the manifest's "
                               f"{shard.sha256[:12]}...; refusing a tampered or partial bundle")
-    return Bundle(path=path, manifest=manifest)
 
 
 def raw_codec(sensor: SensorSpec) -> CodecSpec:

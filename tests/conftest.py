@@ -50,11 +50,27 @@ def small_data():
 
 
 @pytest.fixture(scope="session")
-def bundle_dir(tmp_path_factory, small_data) -> Path:
-    """A bundle trained briefly on a small image set: real training, real ONNX, real parity check."""
+def signing_key(tmp_path_factory) -> tuple[Path, Path]:
+    """The session's bundle-signing key pair: (private .key, public .pub)."""
+    from fogsplit.core.signing import new_key_pair
+    return new_key_pair(tmp_path_factory.mktemp("keys"), "session")
+
+
+@pytest.fixture(scope="session")
+def trusted_keys(signing_key) -> list[Path]:
+    """What a tier must trust to load ``bundle_dir``: ``load_bundle(bundle_dir, trusted_keys=trusted_keys)``."""
+    return [signing_key[1]]
+
+
+@pytest.fixture(scope="session")
+def bundle_dir(tmp_path_factory, small_data, signing_key) -> Path:
+    """A bundle trained briefly on a small image set: real training, real ONNX, real parity check;
+    signed with the session key (``trusted_keys``)."""
+    from fogsplit.core.signing import sign_bundle
     from fogsplit.export.pipeline import ExportOptions, export_bundle
     out = tmp_path_factory.mktemp("bundle")
     export_bundle(small_data, out, ExportOptions(epochs=8, seed=0, progress=False))
+    sign_bundle(out, signing_key[0])
     return out
 
 

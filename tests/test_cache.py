@@ -298,8 +298,8 @@ def test_the_bundle_carries_a_calibrated_cache_section_parsed_strictly(bundle_di
 # -- the gateway's and the device's caches ----------------------------------------------------
 
 def _manifest_with_cache(bundle_dir):
-    from fogsplit.core.manifest import load_bundle
-    return load_bundle(bundle_dir).manifest
+    from fogsplit.core.manifest import check_bundle_contents
+    return check_bundle_contents(bundle_dir)
 
 
 def test_resolve_takes_what_the_operator_left_unset_from_the_bundle():

@@ -24,8 +24,8 @@ CACHE = CacheSettings(max_entries=256, max_bytes=4 << 20, threshold=0.6)
 
 
 @pytest.fixture(scope="module")
-def bundle(bundle_dir):
-    return load_bundle(bundle_dir)
+def bundle(bundle_dir, trusted_keys):
+    return load_bundle(bundle_dir, trusted_keys=trusted_keys)
 
 
 def test_repeated_scenes_are_answered_from_cache_once_per_event(mosquitto, bundle):

@@ -31,7 +31,7 @@ sys.exit(code)
 
 
 @pytest.mark.slow
-def test_device_command_runs_without_torch_or_onnx(embedded, bundle_dir, small_data, tmp_path):
+def test_device_command_runs_without_torch_or_onnx(embedded, bundle_dir, trusted_keys, small_data, tmp_path):
     data = save_npz(small_data, tmp_path / "replay.npz")
     topics = Topics("light")
     seen = []
@@ -40,6 +40,7 @@ def test_device_command_runs_without_torch_or_onnx(embedded, bundle_dir, small_d
     watcher.subscribe(topics.device_status("cell0", "cam1"), lambda m: seen.append(json.loads(m.payload)["state"]))
     watcher.connect()
     proc = subprocess.run([sys.executable, "-c", PROGRAM, "device", "--bundle", str(bundle_dir), "--device", "cam1",
+                           "--trusted-key", str(trusted_keys[0]),
                            "--broker", embedded, "--fleet", "light", "--data", str(data), "--rate", "20",
                            "--count", "5", "--cache"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr

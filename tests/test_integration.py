@@ -19,8 +19,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def bundle(bundle_dir):
-    return load_bundle(bundle_dir)
+def bundle(bundle_dir, trusted_keys):
+    return load_bundle(bundle_dir, trusted_keys=trusted_keys)
 
 
 @pytest.fixture(scope="module")

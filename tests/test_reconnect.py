@@ -29,8 +29,8 @@ RATE = 10.0
 
 
 @pytest.fixture(scope="module")
-def bundle(bundle_dir):
-    return load_bundle(bundle_dir)
+def bundle(bundle_dir, trusted_keys):
+    return load_bundle(bundle_dir, trusted_keys=trusted_keys)
 
 
 class Stack:

@@ -73,7 +73,7 @@ def test_export_with_a_feature_budget_ships_the_smaller_tensor(small_data, tmp_p
     m = report.manifest
     assert m.feature_shape == (2, 8, 8) and m.feature_payload_bytes == 128
     assert m.metrics["split_pruning"] == {"channels_before": 8, "channels_after": 2, "budget_bytes": 128}
-    bundle = load_bundle(tmp_path)
+    bundle = load_bundle(tmp_path, allow_unsigned=True)
     runner = ShardRunner(bundle.shard_path(m.device_shard("cam0")))
     out = runner.run(x=small_data.sensors["cam0"][:3].astype(np.float32))
     assert out["feature"].shape == (3, 2, 8, 8)

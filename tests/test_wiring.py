@@ -27,8 +27,8 @@ pytestmark = pytest.mark.slow      # the bundle it streams through is trained
 
 
 @pytest.mark.parametrize("policy, local", [("request", None), ("request", 0.0), ("eager", 0.0)])
-def test_every_event_is_answered_once_through_the_in_memory_broker(bundle_dir, small_data, policy, local):
-    bundle = load_bundle(bundle_dir)
+def test_every_event_is_answered_once_through_the_in_memory_broker(bundle_dir, trusted_keys, small_data, policy, local):
+    bundle = load_bundle(bundle_dir, trusted_keys=trusted_keys)
     broker, topics, cell = LoopbackBroker(), Topics("wired"), "c0"
     test = small_data.test()
     n = 20
