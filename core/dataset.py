@@ -166,3 +166,70 @@ def save_npz(dataset: Dataset, path: str | Path) -> Path:
     np.savez_compressed(path, y=dataset.y, split=dataset.split,
                         classes=np.array(dataset.classes), **arrays)
     return path
+
+
+# -- replay files: what one device reads ------------------------------------------------------
+
+def save_replay(dataset: Dataset, sensor: str, path: str | Path, split: str = "test") -> Path:
+    """Write one sensor's samples of ``split`` (train, test or all) as a replay file.
+
+    The file keeps the documented format (``x_<sensor>``, ``y``, ``split``, ``classes``) with
+    that one sensor, and ``split`` all 1 when the samples are test samples, so that a device
+    replays them with its default ``split = "test"``. It holds no training samples, so it is
+    for devices (:func:`load_sensor`), not for ``fogsplit export``."""
+    if sensor not in dataset.sensors:
+        raise DataError(dataset.name, f"no sensor {sensor!r} (it has {dataset.sensor_names})")
+    if split not in ("train", "test", "all"):
+        raise ValueError(f"split must be train, test or all, got {split!r}")
+    part = dataset if split == "all" else (dataset.test() if split == "test" else dataset.train())
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(path, **{f"x_{sensor}": part.sensors[sensor]}, y=part.y, split=part.split,
+                        classes=np.array(part.classes))
+    return path
+
+
+def load_sensor(path: str | Path, sensor: str, split: str = "test") -> np.ndarray:
+    """The samples of one sensor in a ``.npz`` of the documented format (a replay file or a
+    whole data set), reading only ``x_<sensor>`` and ``split`` (or ``y``): ``np.load`` reads
+    an archive's arrays one by one, when asked for, so a device never holds its peers' data."""
+    path = Path(path)
+    source, key = str(path), f"x_{sensor}"
+    if not path.is_file():
+        raise DataError(source, "no such file")
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except Exception as exc:
+        raise DataError(source, f"not a readable .npz file ({exc})") from exc
+    if not hasattr(archive, "files"):
+        raise DataError(source, "a single array, not a .npz archive of x_<sensor>, y, split")
+    with archive:
+        names = list(archive.files)
+        if key not in names:
+            have = [k[2:] for k in names if k.startswith("x_")]
+            raise DataError(source, f"no array '{key}': this file holds sensors {have}; make a replay file of "
+                                    f"this device with: fogsplit data replay --sensor {sensor} ...")
+        try:
+            samples = archive[key]
+            marks = archive["split"] if "split" in names else None
+            count = samples.shape[0] if marks is not None or "y" not in names else archive["y"].shape[0]
+        except ValueError as exc:
+            raise DataError(source, f"an array could not be read ({exc})") from exc
+    if samples.ndim not in (3, 4):
+        raise DataError(source, f"array '{key}' must be [N, C, T] or [N, C, H, W], got {list(samples.shape)}")
+    if not (np.issubdtype(samples.dtype, np.floating) or np.issubdtype(samples.dtype, np.integer)):
+        raise DataError(source, f"array '{key}' must be numeric, got dtype {samples.dtype}")
+    if np.issubdtype(samples.dtype, np.floating) and not np.isfinite(samples).all():
+        raise DataError(source, f"array '{key}' contains NaN or infinite values")
+    if split == "all":
+        chosen = samples
+    else:
+        if marks is None:
+            marks = (np.random.default_rng(SPLIT_SEED).random(count) >= 0.8).astype(np.int8)
+        if marks.shape != (samples.shape[0],) or not np.isin(marks, (0, 1)).all():
+            raise DataError(source, f"array 'split' must be [{samples.shape[0]}] of 0 (train) and 1 (test)")
+        chosen = samples[marks == (1 if split == "test" else 0)]
+    if len(chosen) == 0:
+        raise DataError(source, f"array '{key}' has no {split} samples (a replay file holds the test samples; "
+                                "give split = \"all\" or make one of the part you want)")
+    return chosen
