@@ -17,11 +17,23 @@ is back within a second of its broker being back, and the jitter keeps a fleet t
 broker together from reconnecting in lockstep. A broker that refuses the connection (bad
 password, not authorised) is asked again only every ``REFUSED_DELAY_S``: retrying sooner
 cannot help and would flood its log.
+
+Refused publishes (docs/access.md): over MQTT 5 a broker answers a QoS 1 PUBLISH its ACL denies
+with a PUBACK reason code of 0x80 or above (Mosquitto: 0x87, not authorized); a refused QoS 0
+publish gets no answer, and over MQTT 3.1.1 nothing is ever answered. Each refusal is counted by
+topic kind (``stats()["refused_by_kind"]``) and logged as one WARNING per topic. When the refused
+topic is this client's own retained status (the birth message), the account does not belong
+where the client was started (another fleet or cell): everything else it would publish is
+refused too, silently for QoS 0. The transport then logs one ERROR naming the account and the
+topic, is ``muted``: it withholds every other publish (counted as ``withheld_refused``) and asks
+again with the status every ``REFUSED_DELAY_S``, on the next publish after that; an accepted
+status (an ACL fixed and reloaded, or a reconnect) unmutes it.
 """
 from __future__ import annotations
 
 import logging
 import random
+import re
 import socket
 import ssl
 import threading
@@ -34,6 +46,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from fogsplit.core.topics import PREFIX, TOPICS
 from fogsplit.core.transport import STATS_KEYS, Handler, Message, SubscribeError, split_filter
 from fogsplit.core.wire import ALIAS_PROPERTY_BYTES, WireMeter, publish_packet_size
 
@@ -42,6 +55,16 @@ log = logging.getLogger(__name__)
 PROTOCOLS = ("auto", "5", "3.1.1")
 REFUSED_DELAY_S = 30.0
 SUBACK_TIMEOUT_S = 10.0
+MAX_LOGGED_TOPICS = 1024
+
+_KINDS = [(kind, re.compile(re.escape(f"{PREFIX}/") + r"[^/]+/"
+                            + re.sub(r"\\\{\w+\\\}", "[^/]+", re.escape(spec.pattern)) + "$"))
+          for kind, spec in TOPICS.items() if not spec.pattern.startswith("{")]
+
+
+def topic_kind(topic: str) -> str:
+    """The kind of ``topic`` in the topic table, or ``other`` (e.g. a discovery config)."""
+    return next((kind for kind, pattern in _KINDS if pattern.match(topic)), "other")
 
 
 @dataclass(frozen=True)
@@ -172,6 +195,10 @@ class MqttTransport:
         self._closing = False
         self._backoff = Backoff()
         self._stats = dict.fromkeys(STATS_KEYS, 0)
+        self._refused_kinds: dict[str, int] = {}
+        self._refused_topics: set[str] = set()
+        self._muted = False
+        self._probe_at = 0.0
         self._client = self._make_client(mqtt5=protocol != "3.1.1")
 
     # -- configuration, before connect ----------------------------------------------------
@@ -193,9 +220,14 @@ class MqttTransport:
     def connected(self) -> bool:
         return self._connected.is_set()
 
-    def stats(self) -> dict[str, int]:
+    @property
+    def muted(self) -> bool:
+        """The broker refuses this client's status: its other publishes are withheld."""
+        return self._muted
+
+    def stats(self) -> dict[str, int | dict[str, int]]:
         with self._lock:
-            return dict(self._stats)
+            return {**self._stats, "refused_by_kind": dict(self._refused_kinds)}
 
     def _make_client(self, *, mqtt5: bool) -> paho.Client:
         client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=self.client_id,
@@ -286,6 +318,13 @@ class MqttTransport:
         broker grants aliases; QoS 1 never does: a resent packet would outlive the connection
         its alias belongs to."""
         events = tuple(events)
+        if self._muted and self._birth is not None and topic != self._birth[0]:
+            self._count("withheld_refused")
+            if time.monotonic() >= self._probe_at:
+                self._probe_at = time.monotonic() + REFUSED_DELAY_S
+                self._guard("status probe", lambda: self.publish(self._birth[0], self._birth[1](), qos=1,
+                                                                   retain=True))
+            return 0
         with self._publish_lock:
             online = self.connected
             if qos == 0 and not online:
@@ -329,9 +368,35 @@ class MqttTransport:
                 self._sent_early.add(mid)
                 return
         if reason_code.is_failure:
-            log.warning("%s: broker %s refused a publish to %s: %s", self.client_id, self.url, sent.topic,
-                        reason_code)
+            self._refused(sent.topic, reason_code)
+        elif self._muted and self._birth is not None and sent.topic == self._birth[0]:
+            self._muted = False
+            log.info("%s: broker %s accepts the status of user %r on %s again; publishing", self.client_id,
+                     self.url, self._username, sent.topic)
         self._charge(sent)
+
+    def _refused(self, topic: str, reason: paho.ReasonCode) -> None:
+        """Count a refused publish; log the first refusal of each topic; mute on a refused status."""
+        kind = topic_kind(topic)
+        with self._lock:
+            self._stats["refused_publishes"] += 1
+            self._refused_kinds[kind] = self._refused_kinds.get(kind, 0) + 1
+            first = topic not in self._refused_topics and len(self._refused_topics) < MAX_LOGGED_TOPICS
+            if first:
+                self._refused_topics.add(topic)
+        if self._birth is not None and topic == self._birth[0]:
+            if not self._muted:
+                self._muted = True
+                self._probe_at = time.monotonic() + REFUSED_DELAY_S
+                log.error("%s: broker %s refuses the status of user %r on %s (%s): that account may not "
+                          "publish where this client runs, so nothing it publishes would arrive. Check "
+                          "broker.username against its fleet, cell and name (docs/access.md). Withholding "
+                          "every other publish; asking again every %.0fs", self.client_id, self.url,
+                          self._username, topic, reason, REFUSED_DELAY_S)
+        elif first:
+            log.warning("%s: broker %s refused a publish of user %r to %s (%s, kind %s); further refusals "
+                        "on this topic are only counted (stats refused_publishes)", self.client_id, self.url,
+                        self._username, topic, reason, kind)
 
     def _charge(self, sent: _Sent) -> None:
         self.meter.charge(sent.topic, sent.size, sent.events)

@@ -59,10 +59,14 @@ def split_filter(topic_filter: str) -> tuple[str | None, str]:
     return group, plain
 
 
-STATS_KEYS = ("connects", "disconnects", "sent", "dropped_offline", "queued_offline")
+STATS_KEYS = ("connects", "disconnects", "sent", "dropped_offline", "queued_offline", "refused_publishes",
+              "withheld_refused")
 """The counters ``Transport.stats()`` returns: successful connects (the first one included),
 connections lost other than by ``close()``, PUBLISH packets sent, QoS 0 packets dropped
-because the transport was offline, QoS 1 packets queued while offline (sent on reconnect)."""
+because the transport was offline, QoS 1 packets queued while offline (sent on reconnect),
+QoS 1 packets the broker refused (MQTT 5 PUBACK 0x80 or above, e.g. 0x87 not authorized), and
+packets not sent because the broker refuses this client's status (docs/access.md).
+``fogsplit.core.mqtt`` adds ``refused_by_kind``: the refused packets by topic kind."""
 
 
 class Transport(Protocol):

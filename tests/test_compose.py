@@ -10,6 +10,7 @@ runs: a process's arguments are public (ps, /proc/PID/cmdline, docker inspect).
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import pwd
@@ -28,19 +29,22 @@ import time
 import uuid
 from pathlib import Path
 
+import msgspec
 import numpy as np
 import paho.mqtt.client as paho
 import pytest
 import yaml
 
+from fogsplit.acl import Inventory, InventoryError, accounts, check as check_inventory, load_inventory, render
 from fogsplit.bench.embedded import free_port, wait_for_port
-from fogsplit.cli import build_parser
+from fogsplit.cli import build_parser, main
 from fogsplit.core.config import Flag, load_config
 from fogsplit.core.dataset import save_npz
 from fogsplit.core.mqtt import MqttTransport, parse_broker_url, wait_until
 from fogsplit.core.results import Result
-from fogsplit.core.service import status_payload
+from fogsplit.core.service import Service, status_payload
 from fogsplit.core.topics import Topics, check_name
+from fogsplit.health import add_parser as health_parser, check as health_check
 
 REPO = Path(__file__).resolve().parents[1]
 COMPOSE = REPO / "compose"
@@ -56,8 +60,41 @@ OPENSSL = _tool("openssl")
 INSTALL_HINT = "apt-get install mosquitto (it ships mosquitto and mosquitto_passwd); .ci/run installs it"
 
 CELL = "cell0"
-# The bundle of conftest.bundle_dir has sensors cam0..cam5: one device account each.
-USERS = ("cam0", "cam1", "cam2", "cam3", "cam4", "cam5", "gateway", "cloud", "operator", "bridge")
+# The bundle of conftest.bundle_dir has sensors cam0..cam5.
+SENSORS = ("cam0", "cam1", "cam2", "cam3", "cam4", "cam5")
+# Each test has a fleet of its own (topics no other test uses). Every fleet of the test inventory
+# has the places of the shipped one (compose/fleet.toml): cell0 with the six sensors and gw0,
+# cell1 with cam0, cam1 and gw0, the cloud and operator accounts, and site0's bridge for cell0.
+TEST_FLEETS = ("scores", "impostor", "roles", "writes", "reads", "shared", "tls", "watched", "bridged", "added",
+               "tiers", "shipped", "scope", "elsewhere", "muted", "heard")
+
+
+def fleets_inventory(*extra: tuple[str, str, str]) -> Inventory:
+    """The test fleets, plus ``(fleet, cell, device)`` devices."""
+    fleets = {}
+    for fleet in TEST_FLEETS:
+        cells = {"cell0": {"gateways": ["gw0"], "devices": list(SENSORS)},
+                 "cell1": {"gateways": ["gw0"], "devices": ["cam0", "cam1"]}}
+        for f, cell, device in extra:
+            if f == fleet:
+                cells[cell]["devices"].append(device)
+        fleets[fleet] = {"cells": cells, "sites": {"site0": ["cell0"]}}
+    inventory = msgspec.convert({"fleets": fleets}, Inventory)
+    check_inventory(inventory)
+    return inventory
+
+
+def acct(t: "Topics | str", role: str, cell: str = CELL) -> str:
+    """The account of ``role`` (a device such as cam0, gateway, cloud, operator, bridge) in a fleet."""
+    fleet = t.fleet if isinstance(t, Topics) else t
+    return {"gateway": f"{fleet}.{cell}.gw0", "cloud": f"{fleet}.cloud", "operator": f"{fleet}.operator",
+            "bridge": f"{fleet}.site0.bridge"}.get(role, f"{fleet}.{cell}.{role}")
+
+
+def broker_acl(inventory: Inventory | None = None) -> str:
+    """A test broker's acl_file: the shipped ACL exactly as shipped, then the test fleets' sections,
+    written by the same generator (``fogsplit acl``)."""
+    return (COMPOSE / "mosquitto" / "acl").read_text() + "\n" + render(inventory or fleets_inventory())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -210,10 +247,15 @@ def compose(compose_raw, filled_env) -> dict:
     return interpolate_tree(compose_raw, filled_env)
 
 
+@pytest.fixture(scope="module")
+def compose_default(compose_raw, env_example) -> dict:
+    return interpolate_tree(compose_raw, env_example)
+
+
 def test_compose_services(compose):
     services = compose["services"]
     assert set(services) == {"broker", "gateway", "cloud", "exporter"}
-    assert services["broker"]["image"] == "eclipse-mosquitto:2"
+    assert re.fullmatch(r"eclipse-mosquitto:2\.0\.\d+", services["broker"]["image"]), "pin the broker's exact version"
     for name, dockerfile in (("gateway", "Dockerfile"), ("cloud", "Dockerfile"), ("exporter", "Dockerfile.export")):
         build = services[name]["build"]
         assert (COMPOSE / build["context"]).resolve() == REPO, f"{name}: the build context is the repository"
@@ -226,7 +268,10 @@ def test_compose_services(compose):
     cloud = services["cloud"]
     for blocker in ("container_name", "hostname", "ports"):
         assert blocker not in cloud, f"cloud sets {blocker}: `--scale cloud=N` would clash"
-    assert set(services["gateway"]["depends_on"]) == set(cloud["depends_on"]) == {"broker"}
+    for name in ("gateway", "cloud"):
+        assert services[name]["depends_on"] == {"broker": {"condition": "service_healthy"}}, \
+            f"{name} must wait until the broker answers, not only until its container started"
+    assert "healthcheck" in services["broker"], "service_healthy needs the broker's healthcheck"
 
 
 def _strings(node):
@@ -327,7 +372,7 @@ def service_settings(service: dict, args):
 
 
 @pytest.mark.parametrize("name, command", [("gateway", "gateway"), ("cloud", "cloud"), ("exporter", "export")])
-def test_service_commands_parse_with_the_real_cli(compose, filled_env, name, command):
+def test_service_commands_parse_with_the_real_cli(compose, compose_default, filled_env, name, command):
     service = compose["services"][name]
     argv = container_argv(service)
     assert argv[0] == "fogsplit", argv
@@ -345,7 +390,13 @@ def test_service_commands_parse_with_the_real_cli(compose, filled_env, name, com
     plain = {port for key, _, port in entries if key == "listener"} - {port for key, _, port in entries if key == "certfile"}
     assert (url.host, url.tls) == ("broker", False) and url.port in plain, \
         "inside the compose network the services use the broker's plain listener"
-    assert config.broker.username == name and name in acl_users(), f"{name} logs in with its ACL role"
+    account = f"{config.fleet}.{config.cell}.{config.name}" if name == "gateway" else f"{config.fleet}.cloud"
+    assert config.broker.username == account, f"{name} logs in with the account of its place (docs/access.md)"
+    place = {"fleets": {config.fleet: {"cells": {getattr(config, "cell", "cell0"): {
+        "gateways": [config.name] if name == "gateway" else []}}}}}
+    assert account in {a.name for a in accounts(msgspec.convert(place, Inventory))}
+    defaults = service_settings(compose_default["services"][name], parse_cli(container_argv(compose_default["services"][name])[1:]))
+    assert defaults.broker.username in acl_users(), f"{name}: the shipped ACL has no section for its default account"
     assert config.broker.password is None
     [secret] = service["secrets"]
     assert config.broker.password_file == f"/run/secrets/{secret}", "the password comes from the service's secret"
@@ -403,7 +454,8 @@ def test_dockerfiles(dockerfile):
     tomllib = pytest.importorskip("tomllib")
     pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
     steps = _dockerfile_instructions(COMPOSE / dockerfile)
-    assert steps[0] == ("FROM", "python:3.11-slim")
+    assert steps[0][0] == "FROM" and re.fullmatch(r"python:3\.11\.\d+-slim-bookworm", steps[0][1]), \
+        f"{dockerfile}: pin the base image's exact version and Debian release"
     copied = set()
     for op, arg in steps:
         if op == "COPY":
@@ -424,11 +476,107 @@ def test_dockerfiles(dockerfile):
     export_pin = next(r for r in pyproject["project"]["optional-dependencies"]["export"] if r.startswith("torch"))
     if dockerfile == "Dockerfile":
         assert "torch" not in installs, "the gateway/cloud image must not install torch"
-        assert re.search(r"pip install \"\.\[gateway,cloud\]\"", installs)
+        [deps, package] = [arg for op, arg in steps if op == "RUN" and "pip install" in arg]
+        assert "--require-hashes" in deps and "-r requirements.lock" in deps, "dependencies only from the hashed lock"
+        assert re.search(r"pip install --no-index --no-deps --no-build-isolation \"\.\[gateway,cloud\]\"", package), \
+            "the package itself builds offline against the locked build backend"
+        assert "pip check" in package, "the build fails if the lock misses a dependency"
+        assert ("COPY", "compose/requirements.lock ./") in steps
     else:
         assert export_pin == "torch==2.13.0"
         assert f'"{export_pin}"' in installs, "the exporter pins torch exactly as the export extra does"
         assert installs.index(export_pin) < installs.index('".[export]"'), "torch first, then the package"
+
+
+LOCK = COMPOSE / "requirements.lock"
+
+
+def _locked() -> dict[str, tuple[str, list[str]]]:
+    """name -> (version, hashes) of requirements.lock."""
+    text = re.sub(r"\\\n", " ", LOCK.read_text())
+    out = {}
+    for line in text.splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            m = re.fullmatch(r"([A-Za-z0-9._-]+)==(\S+)\s+(.*)", line.strip())
+            assert m, f"requirements.lock: not name==version with hashes: {line!r}"
+            out[re.sub(r"[-_.]+", "-", m[1]).lower()] = (m[2], re.findall(r"--hash=sha256:([0-9a-f]{64})", m[3]))
+    return out
+
+
+def test_the_image_lock_pins_every_dependency_with_hashes():
+    tomllib = pytest.importorskip("tomllib")
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    locked = _locked()
+    assert locked and all(hashes for _, hashes in locked.values()), "every locked package needs its sha256"
+    wanted = list(pyproject["project"]["dependencies"]) + list(pyproject["build-system"]["requires"])
+    for requirement in wanted:
+        if "python_version < '3.11'" in requirement:
+            continue  # the image is Python 3.11
+        name = re.sub(r"[-_.]+", "-", re.match(r"[A-Za-z0-9._-]+", requirement)[0]).lower()
+        assert name in locked, f"requirements.lock misses {requirement}: uv pip compile again (README.md, Images)"
+    assert "torch" not in locked and "onnx" not in locked, "the gateway/cloud image stays light"
+
+
+def test_the_images_build_for_amd64_and_arm64():
+    bake = json.loads((COMPOSE / "docker-bake.json").read_text())
+    targets = bake["target"]
+    assert set(bake["group"]["default"]["targets"]) == set(targets) == {"fogsplit", "fogsplit-export"}
+    for name, target in targets.items():
+        assert {"linux/amd64", "linux/arm64"} <= set(target["platforms"]), name
+        assert (COMPOSE / target["context"]).resolve() == REPO, f"{name}: run bake from compose/, context the repository"
+        assert (REPO / target["dockerfile"]).is_file(), name
+    compose = yaml.safe_load((COMPOSE / "docker-compose.yml").read_text())["services"]
+    assert targets["fogsplit"]["dockerfile"] == compose["gateway"]["build"]["dockerfile"]
+    assert targets["fogsplit-export"]["dockerfile"] == compose["exporter"]["build"]["dockerfile"]
+
+
+def test_the_image_healthcheck_reads_the_heartbeat_the_services_write(compose):
+    """HEALTHCHECK runs fogsplit health on the file config/*.toml tells the services to write, with
+    room for two missed beats; the file lies on the container's tmpfs."""
+    steps = _dockerfile_instructions(COMPOSE / "Dockerfile")
+    [check] = [arg for op, arg in steps if op == "HEALTHCHECK"]
+    options, _, command = check.partition(" CMD ")
+    argv = json.loads(command)
+    assert argv[:3] == ["python", "-m", "fogsplit.health"], "the light form: no import of onnxruntime or numpy"
+    args = health_parser().parse_args(argv[3:])
+    assert re.search(r"--start-period=\d+s", options) and re.search(r"--interval=\d+s", options)
+    for name in ("gateway", "cloud"):
+        service = compose["services"][name]
+        config = service_settings(service, parse_cli(container_argv(service)[1:]))
+        assert config.health.file == str(args.file), f"{name} writes its heartbeat where HEALTHCHECK reads it"
+        assert args.max_age >= 3 * config.health.period_s, f"{name}: a heartbeat may be late once or twice"
+        assert any(str(args.file).startswith(tmp.rstrip("/") + "/") for tmp in service["tmpfs"]), \
+            "the heartbeat goes to a tmpfs (the root file system is read-only)"
+
+
+def _broker_healthcheck(compose_raw) -> str:
+    test = compose_raw["services"]["broker"]["healthcheck"]["test"]
+    assert test[0] == "CMD-SHELL" and len(test) == 2
+    return interpolate(test[1], {})   # compose's $$ -> $
+
+
+def test_the_broker_healthcheck_holds_no_secret(compose_raw):
+    command = _broker_healthcheck(compose_raw)
+    assert_no_secret_in(shlex.split(command), "the broker's healthcheck")
+    assert " -u " not in command and " -P " not in command, "a healthcheck's command shows in docker inspect"
+
+
+def test_the_broker_healthcheck_on_the_real_broker(central, compose_raw):
+    """The healthcheck, its ports and paths rewritten like the broker's configuration, against the
+    running broker (healthy) and against a port nobody listens on (unhealthy)."""
+    if central.ports[8883] is None:
+        pytest.skip("openssl is not installed: the TLS listener was left out")
+    if shutil.which("mosquitto_sub") is None:
+        pytest.skip("mosquitto_sub is not installed (apt-get install mosquitto-clients)")
+    command = _broker_healthcheck(compose_raw)
+
+    def run(ports: dict[int, int]) -> int:
+        text = re.sub(r"-p (1883|8883)\b", lambda m: f"-p {ports[int(m[1])]}", command)
+        text = re.sub(r"(?<!\S)/mosquitto/\S*", lambda m: central.host_path(m.group()), text)
+        return subprocess.run(["sh", "-c", text], capture_output=True, timeout=30).returncode
+    assert run(central.ports) == 0
+    assert run({1883: central.ports[1883], 8883: free_port()}) != 0
+    assert run({1883: free_port(), 8883: central.ports[8883]}) != 0
 
 
 def unit_settings() -> dict[str, list[str]]:
@@ -465,9 +613,10 @@ def test_systemd_unit_execstart_parses_with_the_real_cli():
     config = load_config("device", path=COMPOSE / "config" / "device.toml", environ=env, flags=flags,
                          read_secrets=False).config
     url = parse_broker_url(config.broker.url)
-    assert config.broker.username == config.name, "the ACL lets a device publish only under its own username"
+    assert config.broker.username == f"{config.fleet}.{config.cell}.{config.name}", "the account of its place"
     assert url.tls and url.port == 8883 and config.broker.ca_file == "/etc/fogsplit/ca.crt"
     assert config.bundle == "/var/lib/fogsplit/bundle"
+    assert config.data == f"/var/lib/fogsplit/replay/{config.name}.npz", "a device replays its own file, never generates"
     assert settings["User"] != ["root"] and settings["Restart"] == ["always"]
 
 
@@ -529,7 +678,7 @@ class Mosquitto:
         for folder in self.mounts.values():
             folder.mkdir(parents=True, exist_ok=True)
         config = self.mounts["/mosquitto/config"]
-        shutil.copyfile(COMPOSE / "mosquitto" / "acl", config / "acl")
+        (config / "acl").write_text(broker_acl())
         (config / "conf.d").mkdir(exist_ok=True)
         self.conf = config / "mosquitto.conf"
         self.log = root / "mosquitto.log"
@@ -588,11 +737,14 @@ class Secrets:
     def __init__(self, root: Path) -> None:
         if MOSQUITTO is None or MOSQUITTO_PASSWD is None:
             pytest.fail(f"mosquitto or mosquitto_passwd not found: {INSTALL_HINT}")
-        self.passwords = {user: secrets.token_hex(12) for user in USERS}
+        names = [a.name for inventory in (load_inventory(COMPOSE / "fleet.toml"), fleets_inventory())
+                 for a in accounts(inventory)]
+        self.passwords = {name: secrets.token_hex(12) for name in names}
         root.mkdir(parents=True, exist_ok=True)
         self.passwd = root / "passwd"
-        for i, user in enumerate(USERS):
-            _run(MOSQUITTO_PASSWD, *(["-c"] if i == 0 else []), "-b", self.passwd, user, self.passwords[user])
+        # user:password lines, hashed in place (-U): one run for a few hundred accounts.
+        self.passwd.write_text("".join(f"{name}:{pw}\n" for name, pw in self.passwords.items()))
+        _run(MOSQUITTO_PASSWD, "-U", self.passwd)
         self.certs: Path | None = None
         if OPENSSL:
             self.certs = root / "certs"
@@ -726,26 +878,29 @@ def connack(port: int, user: str | None, password: str | None):
 def test_anonymous_and_wrong_passwords_are_refused(central, keys):
     port = central.ports[1883]
     assert connack(port, None, None).is_failure, "an anonymous client was let in"
-    assert connack(port, "cam0", "not-" + keys.passwords["cam0"]).is_failure
-    assert connack(port, "nobody", keys.passwords["cam0"]).is_failure
-    assert not connack(port, "cam0", keys.passwords["cam0"]).is_failure
+    cam0 = acct("scores", "cam0")
+    assert connack(port, cam0, "not-" + keys.passwords[cam0]).is_failure
+    assert connack(port, "nobody", keys.passwords[cam0]).is_failure
+    assert connack(port, "cam0", keys.passwords[cam0]).is_failure, "the old device-name accounts are gone"
+    assert not connack(port, cam0, keys.passwords[cam0]).is_failure
 
 
 def test_device_scores_reach_the_gateway(connect):
     t = Topics("scores")
-    gateway = connect("gateway").subscribe(t.scores(CELL, "+"))  # what the gateway subscribes to
-    connect("cam0").publish(t.scores(CELL, "cam0"), b"frame")
+    gateway = connect(acct(t, "gateway")).subscribe(t.scores(CELL, "+"))  # what the gateway subscribes to
+    connect(acct(t, "cam0")).publish(t.scores(CELL, "cam0"), b"frame")
     topic, payload, _ = gateway.until(lambda m: True)[0]
     assert (topic, payload) == (t.scores(CELL, "cam0"), b"frame")
 
 
 def test_a_device_cannot_answer_or_pose_as_another_device(connect):
     t = Topics("impostor")
-    gateway = connect("gateway").subscribe(t.scores(CELL, "+"), t.feature(CELL, "+"), t.device_status(CELL, "+"))
-    operator = connect("operator").subscribe(f"{t.root}/#")
-    cam0 = connect("cam0")
+    gateway = connect(acct(t, "gateway")).subscribe(t.scores(CELL, "+"), t.feature(CELL, "+"),
+                                                     t.device_status(CELL, "+"))
+    operator = connect(acct(t, "operator")).subscribe(f"{t.root}/#")
+    cam0 = connect(acct(t, "cam0"))
     for topic in (t.result(CELL), t.forward(CELL), t.scores(CELL, "cam1"), t.feature(CELL, "cam1"),
-                  t.device_status(CELL, "cam1"), t.cmd(CELL, "thresholds")):
+                  t.device_status(CELL, "cam1"), t.cmd(CELL, "thresholds"), t.rollout(CELL)):
         cam0.publish(topic, b"forged")
     assert gateway.drain(wait=0.3) == [] and operator.drain() == [], "a forged frame got through"
     # The subscribers were listening: cam0's own scores come through, and nothing before them.
@@ -755,14 +910,14 @@ def test_a_device_cannot_answer_or_pose_as_another_device(connect):
 
 
 def test_role_accounts_cannot_pose_as_devices(connect):
-    """The device patterns substitute the username: a device named "gateway" would be the gateway
-    account. The role sections deny their own device topics."""
+    """No account but a device's own may publish under a device's name."""
     t = Topics("roles")
-    # Each observer reads every device's scores except under its own name.
-    observers = [connect(user).subscribe(t.scores(CELL, "+")) for user in ("gateway", "operator")]
+    observers = [connect(acct(t, user)).subscribe(t.scores(CELL, "+")) for user in ("gateway", "operator")]
     for role in ("gateway", "cloud", "operator", "bridge"):
-        connect(role).publish(t.scores(CELL, role), f"{role} as a device")
-    connect("cam0").publish(t.scores(CELL, "cam0"), b"genuine")
+        client = connect(acct(t, role))
+        client.publish(t.scores(CELL, role), f"{role} as a device")
+        client.publish(t.scores(CELL, "cam0"), f"{role} as cam0")
+    connect(acct(t, "cam0")).publish(t.scores(CELL, "cam0"), b"genuine")
     for observer in observers:
         assert [p for _, p, _ in observer.until(lambda m: m[1] == b"genuine")] == [b"genuine"]
 
@@ -770,28 +925,33 @@ def test_role_accounts_cannot_pose_as_devices(connect):
 def _topic_table(t: Topics) -> dict[str, str]:
     return {"scores/cam0": t.scores(CELL, "cam0"), "feature/cam0": t.feature(CELL, "cam0"),
             "raw/cam0": t.raw(CELL, "cam0"), "status/cam0": t.device_status(CELL, "cam0"),
-            "stats/cam0": t.device_stats(CELL, "cam0"), "scores/cam1": t.scores(CELL, "cam1"), "request": t.request(CELL), "forward": t.forward(CELL),
-            "result": t.result(CELL), "gw-status": t.gateway_status(CELL, "gw0"),
-            "gw-stats": t.gateway_stats(CELL, "gw0"), "cloud-status": t.cloud_status("cloud0"),
-            "cmd": t.cmd(CELL, "thresholds"), "model": t.model("gateway"), "error": t.error}
+            "stats/cam0": t.device_stats(CELL, "cam0"), "scores/cam1": t.scores(CELL, "cam1"),
+            "request": t.request(CELL), "forward": t.forward(CELL), "result": t.result(CELL),
+            "gw-status": t.gateway_status(CELL, "gw0"), "gw-stats": t.gateway_stats(CELL, "gw0"),
+            "cloud-status": t.cloud_status("cloud0"), "cloud-stats": t.cloud_stats("cloud0"),
+            "cmd": t.cmd(CELL, "thresholds"), "rollout": t.rollout(CELL),
+            "rollout-status/cam0": t.rollout_status(CELL, "device", "cam0"),
+            "rollout-status/gw0": t.rollout_status(CELL, "gateway", "gw0"), "error": t.error}
 
 
 ALL_KEYS = set(_topic_table(Topics()))
 MAY_PUBLISH = {
-    "cam0": {"scores/cam0", "feature/cam0", "raw/cam0", "status/cam0", "stats/cam0", "error"},
+    "cam0": {"scores/cam0", "feature/cam0", "raw/cam0", "status/cam0", "stats/cam0", "rollout-status/cam0", "error"},
     "cam1": {"scores/cam1", "error"},
-    "gateway": {"request", "forward", "result", "gw-status", "gw-stats", "error"},
-    "cloud": {"result", "cloud-status", "error"},
-    "operator": {"cmd", "model", "error"},  # error: the device pattern grants it to every account
-    "bridge": {"forward", "result", "status/cam0", "gw-status", "gw-stats", "error"},
+    "gateway": {"request", "forward", "result", "gw-status", "gw-stats", "rollout-status/gw0", "error"},
+    "cloud": {"result", "cloud-status", "cloud-stats", "error"},
+    "operator": {"cmd", "rollout"},
+    "bridge": {"forward", "result", "status/cam0", "stats/cam0", "gw-status", "gw-stats", "rollout-status/cam0",
+               "rollout-status/gw0", "error"},
 }
-MAY_READ = {   # result and cmd: patterns, for the devices' caches; every account gets them
-    "cam0": {"request", "result", "cmd"},
-    "cam1": {"request", "result", "cmd"},
-    "gateway": {"scores/cam0", "feature/cam0", "status/cam0", "scores/cam1", "request", "cmd", "result"},
-    "cloud": {"forward", "raw/cam0", "result", "cmd"},
+_ROLLOUT_READS = {"rollout", "rollout-status/cam0", "rollout-status/gw0"}
+MAY_READ = {
+    "cam0": {"request", "result", "cmd", *_ROLLOUT_READS},
+    "cam1": {"request", "result", "cmd", *_ROLLOUT_READS},
+    "gateway": {"scores/cam0", "feature/cam0", "status/cam0", "scores/cam1", "cmd", "result", *_ROLLOUT_READS},
+    "cloud": {"forward", "raw/cam0", "status/cam0", *_ROLLOUT_READS},
     "operator": ALL_KEYS,
-    "bridge": {"cmd", "model", "result"},
+    "bridge": {"cmd", "rollout"},
 }
 
 
@@ -799,13 +959,14 @@ def test_each_role_publishes_exactly_what_the_acl_grants(connect):
     t = Topics("writes")
     table = _topic_table(t)
     by_topic = {topic: key for key, topic in table.items()}
-    operator = connect("operator").subscribe(f"{t.root}/#")
+    operator = connect(acct(t, "operator")).subscribe(f"{t.root}/#")
     for user, allowed in MAY_PUBLISH.items():
-        client = connect(user)
+        client = connect(acct(t, user))
         for key, topic in table.items():
             client.publish(topic, f"{user}|{key}")
         # One client's messages arrive in order: once this one is in, the rest have been decided.
-        client.publish(t.error, f"{user}|done")
+        barrier = table["error" if "error" in allowed else "cmd"]
+        client.publish(barrier, f"{user}|done")
         got = operator.until(lambda m: m[1] == f"{user}|done".encode())[:-1]
         assert {by_topic[topic] for topic, _, _ in got} == allowed, user
         assert all(p.decode().startswith(f"{user}|") for _, p, _ in got)
@@ -815,9 +976,11 @@ def test_each_role_receives_exactly_what_the_acl_grants(connect):
     t = Topics("reads")
     table = _topic_table(t)
     by_topic = {topic: key for key, topic in table.items()}
-    readers = {user: connect(user).subscribe(f"{t.root}/#") for user in MAY_READ}
-    writers = {user: connect(user) for user in ("cam0", "cam1", "gateway", "cloud", "operator")}
-    writer_of = {"cloud-status": "cloud", "cmd": "operator", "model": "operator", "scores/cam1": "cam1"}
+    # Each reader subscribes to everything there is and is handed only what it may read.
+    readers = {user: connect(acct(t, user)).subscribe("fogsplit/#") for user in MAY_READ}
+    writers = {user: connect(acct(t, user)) for user in ("cam0", "cam1", "gateway", "cloud", "operator")}
+    writer_of = {"cloud-status": "cloud", "cloud-stats": "cloud", "cmd": "operator", "rollout": "operator",
+                 "scores/cam1": "cam1"}
     for key, topic in table.items():
         user = writer_of.get(key, "cam0" if key.endswith("/cam0") else "gateway")
         assert key in MAY_PUBLISH[user]
@@ -831,13 +994,184 @@ def test_each_role_receives_exactly_what_the_acl_grants(connect):
         assert {by_topic[topic] for topic, payload, _ in got if payload == b"data"} == MAY_READ[user], user
 
 
+def test_a_device_is_refused_outside_its_own_cell_and_fleet(connect):
+    """cam0 of cell0 in fleet "scope" publishes under its own name into another cell and another
+    fleet, and answers for them: all refused. Its gateway cannot serve another cell either."""
+    t, other = Topics("scope"), Topics("elsewhere")
+    watchers = [connect(acct(t, "operator")).subscribe("fogsplit/#"),
+                connect(acct(other, "operator")).subscribe("fogsplit/#")]
+    cam0, gateway = connect(acct(t, "cam0")), connect(acct(t, "gateway"))
+    for topic in (t.scores("cell1", "cam0"), t.device_status("cell1", "cam0"), t.device_stats("cell1", "cam0"),
+                  other.scores(CELL, "cam0"), other.device_status(CELL, "cam0"), other.error,
+                  t.result("cell1"), other.result(CELL)):
+        cam0.publish(topic, b"out of place")
+    for topic in (t.result("cell1"), t.request("cell1"), t.forward("cell1"), t.gateway_status("cell1", "gw0"),
+                  other.result(CELL), other.request(CELL), other.error):
+        gateway.publish(topic, b"out of place")
+    cam0.publish(t.scores(CELL, "cam0"), b"in place")
+    got = watchers[0].until(lambda m: m[1] == b"in place")
+    assert [(topic, p) for topic, p, _ in got] == [(t.scores(CELL, "cam0"), b"in place")]
+    assert watchers[1].drain(wait=0.2) == [], "another fleet's operator saw fleet scope's traffic"
+
+
+def test_a_device_reads_only_its_own_cell_of_its_own_fleet(connect):
+    """Subscribed to everything, cam0 of cell0 is handed no request or result of cell1 and nothing
+    of another fleet: only its own cell's."""
+    t, other = Topics("scope"), Topics("elsewhere")
+    cam0 = connect(acct(t, "cam0")).subscribe("fogsplit/#")
+    for gateway, topics, cell in ((connect(acct(t, "gateway", "cell1")), t, "cell1"),
+                                  (connect(acct(other, "gateway")), other, CELL)):
+        gateway.publish(topics.request(cell), b"not yours")
+        gateway.publish(topics.result(cell), b"not yours")
+    connect(acct(other, "operator")).publish(other.cmd(CELL, "thresholds"), b"not yours")
+    own = connect(acct(t, "gateway"))
+    own.publish(t.result(CELL), b"yours")
+    own.publish(t.request(CELL), b"yours")
+    got = cam0.until(lambda m: m[0] == t.request(CELL))
+    assert [(topic, p) for topic, p, _ in got] == [(t.result(CELL), b"yours"), (t.request(CELL), b"yours")]
+
+
+def _refusals(caplog, level: int) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "fogsplit.core.mqtt" and r.levelno == level]
+
+
+def test_a_device_started_under_the_wrong_account_says_so(central, keys, connect, caplog, tmp_path):
+    """cam0 of cell1 started as cam0 of cell0: the broker refuses its status (MQTT 5 PUBACK 0x87);
+    the device logs one ERROR naming the account and the topic, counts the refusal, withholds its
+    data instead of sending it into the void, and its health check fails saying why."""
+    t = Topics("muted")
+    account = acct(t, "cam0", "cell1")
+    watcher = connect(acct(t, "operator")).subscribe("fogsplit/#")
+    transport = MqttTransport(f"mqtt://127.0.0.1:{central.ports[1883]}", "muted-cam0", username=account,
+                              password=keys.passwords[account])
+    service = Service(transport, t, "cell0/cam0")
+    service.presence("device_status", t.device_status(CELL, "cam0"), lambda: status_payload("online"),
+                     status_payload("offline"))
+    beat = tmp_path / "health"
+    service.heartbeat(str(beat), 0.05)
+    caplog.set_level(logging.INFO, logger="fogsplit.core.mqtt")
+    try:
+        transport.connect(timeout=5)
+        assert transport.mqtt5, "the refusal is only visible over MQTT 5"
+        service.start()
+        assert wait_until(lambda: transport.muted, timeout=5), "the refused status went unnoticed"
+        assert transport.publish(t.scores(CELL, "cam0"), b"into the void", qos=0) == 0
+        assert service.send("device_stats", t.device_stats(CELL, "cam0"), b"{}") == 0
+        assert wait_until(lambda: not health_check(beat, 5)[0] and "refuses its status" in health_check(beat, 5)[1],
+                          timeout=5)
+        stats = transport.stats()
+        assert stats["refused_by_kind"] == {"device_status": 1} and stats["refused_publishes"] == 1
+        assert stats["withheld_refused"] == 2
+        [error] = _refusals(caplog, logging.ERROR)
+        assert repr(account) in error and t.device_status(CELL, "cam0") in error and "Not authorized" in error
+        out = subprocess.run([sys.executable, "-m", "fogsplit.cli", "health", "--file", str(beat), "--max-age", "5"],
+                             capture_output=True, text=True, timeout=30)
+        assert out.returncode == 1 and "refuses its status" in out.stderr
+    finally:
+        service.stop()
+        transport.close()
+    assert watcher.drain(wait=0.2) == [], "a refused device's message arrived"
+
+
+def test_each_refused_topic_is_logged_once_and_counted_by_kind(central, keys, connect, caplog, tmp_path):
+    """A device whose status is accepted, refused on other topics: one WARNING per topic, every
+    refusal counted by kind, nothing muted, and a fresh heartbeat says healthy."""
+    t = Topics("heard")
+    account = acct(t, "cam0")
+    transport = MqttTransport(f"mqtt://127.0.0.1:{central.ports[1883]}", "heard-cam0", username=account,
+                              password=keys.passwords[account])
+    service = Service(transport, t, "cell0/cam0")
+    service.presence("device_status", t.device_status(CELL, "cam0"), lambda: status_payload("online"),
+                     status_payload("offline"))
+    beat = tmp_path / "health"
+    service.heartbeat(str(beat), 0.05)
+    caplog.set_level(logging.INFO, logger="fogsplit.core.mqtt")
+    try:
+        transport.connect(timeout=5)
+        service.start()
+        for _ in range(3):
+            service.send("result", t.result(CELL), b"{}")
+            service.send("device_status", t.device_status("cell1", "cam0"), b"{}")
+        assert wait_until(lambda: transport.stats()["refused_publishes"] == 6, timeout=5)
+        assert transport.stats()["refused_by_kind"] == {"result": 3, "device_status": 3}
+        assert not transport.muted and transport.stats()["withheld_refused"] == 0
+        warnings = _refusals(caplog, logging.WARNING)
+        assert len(warnings) == 2 and all(repr(account) in w for w in warnings)
+        assert {t.result(CELL), t.device_status("cell1", "cam0")} == {
+            topic for w in warnings for topic in (t.result(CELL), t.device_status("cell1", "cam0")) if topic in w}
+        assert wait_until(lambda: health_check(beat, 5)[0], timeout=5), health_check(beat, 5)[1]
+    finally:
+        service.stop()
+        transport.close()
+
+
+def test_the_shipped_acl_is_generated_from_the_shipped_inventory():
+    shipped = (COMPOSE / "mosquitto" / "acl").read_text()
+    assert shipped == render(load_inventory(COMPOSE / "fleet.toml"), inventory_name="fleet.toml",
+                             out_name="mosquitto/acl"), \
+        "mosquitto/acl is stale: cd compose && fogsplit acl --inventory fleet.toml --out mosquitto/acl"
+    assert not re.search(r"(?m)^pattern ", shipped), "no rule may apply to every account"
+
+
+def test_the_shipped_acl_scopes_the_shipped_accounts(connect):
+    """The shipped sections themselves, on the real broker: demo's cam0 of cell0 reaches its
+    gateway and not cell1's, which has a cam0 of its own."""
+    t = Topics("demo")
+    gateways = {cell: connect(f"demo.{cell}.gw0").subscribe(t.scores("+", "+")) for cell in ("cell0", "cell1")}
+    connect("demo.cell0.cam0").publish(t.scores("cell1", "cam0"), b"wrong cell")
+    connect("demo.cell1.cam0").publish(t.scores("cell1", "cam0"), b"cell1")
+    connect("demo.cell0.cam0").publish(t.scores("cell0", "cam0"), b"cell0")
+    assert [p for _, p, _ in gateways["cell0"].until(lambda m: True)] == [b"cell0"]
+    assert [p for _, p, _ in gateways["cell1"].until(lambda m: True)] == [b"cell1"]
+    assert gateways["cell1"].drain(wait=0.2) == []
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("[fleets.a.cells.c]\ndevices = ['cam 0']\n", "fleets.a.cells.c.devices: device name 'cam 0'"),
+    ("[fleets.a.cells.c]\ndevice = ['cam0']\n", "unknown field `device`"),
+    ("[fleets.a]\ncells = {}\n", "no cell under [fleets.a.cells]"),
+    ("fleets = {}\n", "no fleet under [fleets]"),
+    ("[fleets.a]\nsites = { s = ['c9'] }\n[fleets.a.cells.c]\ndevices = ['x']\n", "not a cell of a: ['c9']"),
+    ("[fleets.a.cells.c]\ndevices = ['x.y']\n[fleets.a.cells.'c.x']\ndevices = ['y']\n",
+     "the account name 'a.c.x.y' stands for both"),
+    ("[fleets.a.cells.c\n", "not TOML"),
+])
+def test_a_bad_inventory_is_refused_naming_the_key(tmp_path, capsys, text, needle):
+    path = tmp_path / "fleet.toml"
+    path.write_text(text)
+    with pytest.raises(InventoryError, match=re.escape(needle)):
+        load_inventory(path)
+    assert main(["acl", "--inventory", str(path), "--out", str(tmp_path / "acl")]) == 2
+    assert needle in capsys.readouterr().err and not (tmp_path / "acl").exists()
+    with pytest.raises(InventoryError, match="cannot read it"):
+        load_inventory(tmp_path / "missing.toml")
+
+
+@pytest.mark.parametrize("body, healthy, needle", [
+    ({"time": 1000.0, "name": "cell0/gw0", "connected": True, "muted": False}, True, "healthy"),
+    ({"time": 900.0, "name": "cell0/gw0", "connected": True, "muted": False}, False, "100.0s ago"),
+    ({"time": 1000.0, "name": "cell0/gw0", "connected": False, "muted": False}, False, "not connected"),
+    ({"time": 1000.0, "name": "cell0/gw0", "connected": True, "muted": True}, False, "refuses its status"),
+    ({"name": "x"}, False, "no numeric 'time'"),
+    ("not json", False, "unreadable"),
+    (None, False, "no heartbeat"),
+])
+def test_health_reads_the_heartbeat(tmp_path, body, healthy, needle):
+    path = tmp_path / "health"
+    if body is not None:
+        path.write_text(body if isinstance(body, str) else json.dumps(body))
+    ok, why = health_check(path, 20, now=1000.0)
+    assert ok is healthy and needle in why, why
+
+
 def test_cloud_workers_share_the_forwarded_events(connect):
     t = Topics("shared")
-    workers = [connect("cloud").subscribe(t.shared("cloud", t.forward("+"))) for _ in range(2)]
-    gateway = connect("gateway")
+    workers = [connect(acct(t, "cloud")).subscribe(t.shared("cloud", t.forward("+"))) for _ in range(2)]
+    gateways = {cell: connect(acct(t, "gateway", cell)) for cell in ("cell0", "cell1")}
     sent = [f"{cell}:{i}".encode() for i in range(10) for cell in ("cell0", "cell1")]
     for payload in sent:
-        gateway.publish(t.forward(payload.decode().split(":")[0]), payload)
+        cell = payload.decode().split(":")[0]
+        gateways[cell].publish(t.forward(cell), payload)
     received: list[list[bytes]] = [[], []]
     deadline = time.monotonic() + 5
     while sum(map(len, received)) < len(sent) and time.monotonic() < deadline:
@@ -849,7 +1183,7 @@ def test_cloud_workers_share_the_forwarded_events(connect):
     assert sorted(received[0] + received[1]) == sorted(sent), "each forwarded event goes to exactly one worker"
     assert received[0] and received[1], "the broker should spread the events over both workers"
     # And the worker answers.
-    app = connect("operator").subscribe(t.result("+"))
+    app = connect(acct(t, "operator")).subscribe(t.result("+"))
     workers[0].publish(t.result("cell1"), b"answer")
     assert app.until(lambda m: True)[0][:2] == (t.result("cell1"), b"answer")
 
@@ -859,8 +1193,8 @@ def test_the_tls_listener_with_the_development_ca(central, keys, connect, monkey
         pytest.skip("openssl is not installed: the TLS listener was left out")
     t = Topics("tls")
     port = central.ports[8883]
-    gateway = connect("gateway").subscribe(t.scores(CELL, "+"))  # on the plain listener
-    connect("cam0", tls=True).publish(t.scores(CELL, "cam0"), b"over tls")
+    gateway = connect(acct(t, "gateway")).subscribe(t.scores(CELL, "+"))  # on the plain listener
+    connect(acct(t, "cam0"), tls=True).publish(t.scores(CELL, "cam0"), b"over tls")
     assert gateway.until(lambda m: True)[0][1] == b"over tls"
 
     # Without the CA the broker's certificate is not trusted (SSL_CERT_FILE: a file with no CA).
@@ -872,7 +1206,8 @@ def test_the_tls_listener_with_the_development_ca(central, keys, connect, monkey
 
     # fogsplit's own transport, trusting the CA the way config/device.toml does it (broker.ca_file).
     monkeypatch.delenv("SSL_CERT_FILE")
-    device = MqttTransport(f"mqtts://localhost:{port}", "tls-cam1", username="cam1", password=keys.passwords["cam1"],
+    device = MqttTransport(f"mqtts://localhost:{port}", "tls-cam1", username=acct(t, "cam1"),
+                           password=keys.passwords[acct(t, "cam1")],
                            ca_file=str(keys.ca), will=(t.device_status(CELL, "cam1"), b"offline"))
     device.connect(timeout=5)
     try:
@@ -887,13 +1222,13 @@ def test_fogsplit_watch_as_operator(central, keys, connect):
     tls = keys.certs is not None
     scheme, port = ("mqtts", central.ports[8883]) if tls else ("mqtt", central.ports[1883])
     host = "localhost" if tls else "127.0.0.1"
-    gateway = connect("gateway")
+    gateway = connect(acct(t, "gateway"))
     gateway.publish(t.gateway_status(CELL, "gw0"), b'{"state": "online"}', retain=True)
     try:
-        env = {**os.environ, "FOGSPLIT_BROKER__PASSWORD": keys.passwords["operator"]}
+        env = {**os.environ, "FOGSPLIT_BROKER__PASSWORD": keys.passwords[acct(t, "operator")]}
         out = subprocess.run(
             [sys.executable, "-m", "fogsplit.cli", "watch", "--broker", f"{scheme}://{host}:{port}",
-             "--username", "operator", "--fleet", "watched", "--count", "1",
+             "--username", acct(t, "operator"), "--fleet", "watched", "--count", "1",
              *(["--ca-file", str(keys.ca)] if tls else [])],
             env=env, capture_output=True, text=True, timeout=20)
     finally:
@@ -912,21 +1247,24 @@ def test_bridge_carries_fog_traffic_up_and_commands_down(workdir, central, keys,
     shutil.copyfile(keys.ca, Path(site.host_path("/mosquitto/certs")) / "central-ca.crt")
     example = (COMPOSE / "mosquitto" / "bridge.conf.example").read_text()
     filled = re.sub(r"(?m)^address .*$", f"address 127.0.0.1:{central.ports[8883]}", example)
-    filled = re.sub(r"(?m)^remote_password .*$", f"remote_password {keys.passwords['bridge']}", filled)
+    bridge = acct("bridged", "bridge")
+    assert re.search(r"(?m)^remote_username (\S+)", example)[1] == re.search(r"(?m)^remote_clientid (\S+)", example)[1], \
+        "the ACL lets a bridge write only its own $SYS connection state: remote_clientid = remote_username"
+    filled = re.sub(r"(?m)^remote_password .*$", f"remote_password {keys.passwords[bridge]}", filled)
+    filled = re.sub(r"(?m)^remote_(username|clientid) .*$", rf"remote_\1 {bridge}", filled)
     (Path(site.host_path("/mosquitto/config/conf.d")) / "bridge.conf").write_text(site.render(filled))
     site.start()
     opened: list[Client] = []
 
     def at_site(user: str) -> Client:
-        opened.append(Client(site.ports[1883], user, keys.passwords[user]))
+        opened.append(Client(site.ports[1883], acct("bridged", user), keys.passwords[acct("bridged", user)]))
         return opened[-1]
     try:
         t = Topics("bridged")
-        clientid = re.search(r"(?m)^remote_clientid (\S+)", example)[1]
-        state = f"$SYS/broker/connection/{clientid}/state"
+        state = f"$SYS/broker/connection/{bridge}/state"
         at_site("operator").subscribe(state).until(lambda m: m[1] == b"1", timeout=10)
-        central_ops = connect("operator").subscribe(f"{t.root}/#", state)
-        central_cloud = connect("cloud").subscribe(t.shared("cloud", t.forward("+")))
+        central_ops = connect(acct(t, "operator")).subscribe(f"{t.root}/#", state)
+        central_cloud = connect(acct(t, "cloud")).subscribe(t.shared("cloud", t.forward("+")))
 
         at_site("cam0").publish(t.scores(CELL, "cam0"), b"stays on the site")
         site_gw = at_site("gateway").subscribe(t.cmd(CELL, "+"))
@@ -940,7 +1278,7 @@ def test_bridge_carries_fog_traffic_up_and_commands_down(workdir, central, keys,
             "the bridge's notification must reach the central broker (its ACL allows it)"
         assert central_cloud.until(lambda m: True)[0][1] == b"hard event"
 
-        central_op = connect("operator")
+        central_op = connect(acct(t, "operator"))
         deadline = time.monotonic() + 5  # the bridge subscribes on the central broker once connected
         while not (down := site_gw.drain()) and time.monotonic() < deadline:
             central_op.publish(t.cmd(CELL, "thresholds"), b'{"local": 0.9}')
@@ -953,28 +1291,32 @@ def test_bridge_carries_fog_traffic_up_and_commands_down(workdir, central, keys,
 
 
 def test_a_new_device_account_works_after_a_reload(central, keys, connect):
-    """README.md, "Add a device": mosquitto_passwd -b, then SIGHUP (docker compose kill -s HUP broker)."""
+    """README.md, "Add a device": the device in fleet.toml, fogsplit acl, mosquitto_passwd -b, then
+    SIGHUP (docker compose kill -s HUP broker)."""
+    t = Topics("added")
+    cam9 = acct(t, "cam9")
     passwd = Path(central.host_path("/mosquitto/secrets/passwd"))
     password = secrets.token_hex(12)
     port = central.ports[1883]
-    assert connack(port, "cam9", password).is_failure
-    _run(MOSQUITTO_PASSWD, "-b", passwd, "cam9", password)
+    assert connack(port, cam9, password).is_failure
+    Path(central.host_path("/mosquitto/config/acl")).write_text(broker_acl(fleets_inventory(("added", CELL, "cam9"))))
+    _run(MOSQUITTO_PASSWD, "-b", passwd, cam9, password)
     _hand_to_broker(central.root)
     central.proc.send_signal(signal.SIGHUP)
-    assert wait_until(lambda: not connack(port, "cam9", password).is_failure, timeout=5)
-    t = Topics("added")
-    gateway = connect("gateway").subscribe(t.scores(CELL, "+"))
-    cam9 = Client(port, "cam9", password)
+    assert wait_until(lambda: not connack(port, cam9, password).is_failure, timeout=5)
+    gateway = connect(acct(t, "gateway")).subscribe(t.scores(CELL, "+"))
+    client = Client(port, cam9, password)
     try:
-        cam9.publish(t.scores(CELL, "cam0"), b"not mine")
-        cam9.publish(t.scores(CELL, "cam9"), b"mine")
+        client.publish(t.scores(CELL, "cam0"), b"not mine")
+        client.publish(t.scores("cell1", "cam9"), b"not my cell")
+        client.publish(t.scores(CELL, "cam9"), b"mine")
         assert [p for _, p, _ in gateway.until(lambda m: True)] == [b"mine"]
     finally:
-        cam9.close()
+        client.close()
 
 
 @pytest.mark.slow
-def test_every_tier_works_under_its_own_account(central, keys, connect, bundle_dir, small_data):
+def test_every_tier_works_under_its_own_account(central, keys, connect, bundle_dir, trusted_keys, small_data):
     """The real device agents, gateway and cloud worker, each logged in with its own account under
     the shipped ACL, answer every event, through the cloud, with nothing refused on the way."""
     from fogsplit.cloud.worker import CloudWorker
@@ -984,14 +1326,15 @@ def test_every_tier_works_under_its_own_account(central, keys, connect, bundle_d
     from fogsplit.core.manifest import load_bundle
 
     t = Topics("tiers")
-    bundle = load_bundle(bundle_dir)
+    bundle = load_bundle(bundle_dir, trusted_keys=trusted_keys)
     test = small_data.test().subset(np.arange(20))
     sensors = bundle.manifest.sensor_names
-    assert set(sensors) <= set(USERS)
-    app = connect("operator").subscribe(t.result(CELL), t.error, f"{t.root}/+/+/status", f"{t.root}/cell/+/+/+/status")
+    assert set(sensors) <= set(SENSORS)
+    app = connect(acct(t, "operator")).subscribe(t.result(CELL), t.error, f"{t.root}/+/+/status", f"{t.root}/cell/+/+/+/status")
     transports = []
 
-    def login(user: str, client_id: str, will: str) -> MqttTransport:
+    def login(role: str, client_id: str, will: str) -> MqttTransport:
+        user = acct(t, role)
         transports.append(MqttTransport(f"mqtt://127.0.0.1:{central.ports[1883]}", client_id, username=user,
                                         password=keys.passwords[user], will=(will, status_payload("offline"))))
         return transports[-1]
@@ -1016,7 +1359,7 @@ def test_every_tier_works_under_its_own_account(central, keys, connect, bundle_d
             service.transport.connect()
             service.start()
         # The operator sends every event to the cloud: no tier may answer early (entropy < 0).
-        connect("operator").publish(t.cmd(CELL, "thresholds"), json.dumps({"local": 0, "edge": 0}))
+        connect(acct(t, "operator")).publish(t.cmd(CELL, "thresholds"), json.dumps({"local": 0, "edge": 0}))
         assert wait_until(lambda: gateway.thresholds == {"local": 0.0, "edge": 0.0}, timeout=5)
         rate = 40.0
         start_slot = math.ceil((time.time() + 1.0) * rate)
@@ -1047,7 +1390,7 @@ def test_every_tier_works_under_its_own_account(central, keys, connect, bundle_d
 
 @pytest.mark.slow
 def test_a_device_started_as_the_unit_starts_it_shows_no_secret(workdir, central, keys, connect, bundle_dir,
-                                                                 small_data):
+                                                                 trusted_keys, small_data):
     """fogsplit-device.service's command line and environment, config/device.toml with its paths
     and broker address rewritten, the password in a credentials file: the agent logs in under the
     shipped ACL, and its password is nowhere in /proc/PID/cmdline or /proc/PID/environ."""
@@ -1058,15 +1401,17 @@ def test_a_device_started_as_the_unit_starts_it_shows_no_secret(workdir, central
     credentials.mkdir(parents=True)
     settings = unit_settings()
     name, _ = settings["LoadCredential"][0].split(":", 1)
-    password = keys.passwords["cam0"]
+    password = keys.passwords[acct("shipped", "cam0")]
     (credentials / name).write_text(password + "\n")
     os.chmod(credentials / name, 0o400)
     replay = save_npz(small_data, root / "replay.npz")
     url = f"mqtts://localhost:{central.ports[8883]}" if tls else f"mqtt://127.0.0.1:{central.ports[1883]}"
     toml = (COMPOSE / "config" / "device.toml").read_text()
     for key, value in (("bundle", str(bundle_dir)), ("data", str(replay)), ("url", url), ("fleet", "shipped"),
+                       ("username", acct("shipped", "cam0")),
                        ("ca_file", str(keys.ca) if tls else None)):
         toml = re.sub(rf'(?m)^{key} = ".*"$', "" if value is None else f"{key} = {json.dumps(value)}", toml)
+    toml = re.sub(r'(?m)^trusted_keys = .*$', f"trusted_keys = [{json.dumps(str(trusted_keys[0]))}]", toml)
     (root / "device.toml").write_text(toml)
 
     argv = shlex.split(settings["ExecStart"][0])
@@ -1074,7 +1419,7 @@ def test_a_device_started_as_the_unit_starts_it_shows_no_secret(workdir, central
                                                     else a for a in argv[1:]]]
     env = {k: v for k, v in os.environ.items() if not k.startswith("FOGSPLIT_")}
     env.update(unit_environment(settings, str(credentials)))
-    watcher = connect("operator").subscribe(t.device_status(CELL, "cam0"), t.scores(CELL, "cam0"))
+    watcher = connect(acct(t, "operator")).subscribe(t.device_status(CELL, "cam0"), t.scores(CELL, "cam0"))
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         got = watcher.until(lambda m: m[0] == t.scores(CELL, "cam0"), timeout=30)

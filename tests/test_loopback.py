@@ -126,7 +126,8 @@ def test_offline_publishes_qos0_dropped_qos1_queued_and_sent_on_reconnect(broker
     dev.reconnect()
     assert [m.topic for m in got] == ["d/feature"]
     assert dev.meter.snapshot()[0] == {7: publish_packet_size("d/feature", 1, 1)}
-    assert dev.stats() == {"connects": 2, "disconnects": 1, "sent": 1, "dropped_offline": 1, "queued_offline": 1}
+    assert dev.stats() == {"connects": 2, "disconnects": 1, "sent": 1, "dropped_offline": 1, "queued_offline": 1,
+                           "refused_publishes": 0, "withheld_refused": 0}
 
 
 def test_subscribing_before_connect_takes_effect_on_connect(broker):
