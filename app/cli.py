@@ -4,12 +4,13 @@ Each role command (device, gateway, cloud, export, broker, watch) reads its sett
 defaults < ``--config FILE`` (TOML) < ``FOGSPLIT_*`` environment variables < its flags
 (docs/configuration.md); a flag is bound to one setting and judged by that setting's model.
 
-Only torch-bound modules (export's training and pruning) are imported inside the commands
-that need them, so the device command loads nothing but onnxruntime, numpy, paho-mqtt,
-msgpack and msgspec (tests/test_device_is_light.py)."""
+The demo, the benchmarks, the data generators and the other tiers are imported inside the
+commands that need them, so the device command loads nothing but onnxruntime, numpy,
+paho-mqtt, msgpack, msgspec and the core (tests/test_device_is_light.py; docs/device.md)."""
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import signal
@@ -20,29 +21,29 @@ from typing import Any, Callable
 
 import msgspec
 
-from fogsplit.demo import format_report, run_demo
-from fogsplit.bench import broker as bench_broker, cache as bench_cache, comm as bench_comm
+from fogsplit import acl as acl_command, health as health_command
+from fogsplit import pack
+from fogsplit import rollout as rollout_command
 from fogsplit.bench.embedded import EmbeddedBroker
 from fogsplit.bench.flags import broker_url, name, positive, setting
 from fogsplit.bench.report import write_json
-from fogsplit.cloud.worker import CloudWorker, RawOffload
 from fogsplit.core.config import Flag, Loaded, load_config, show
-from fogsplit.core.dataset import save_npz
+from fogsplit.core.dataset import load_sensor, save_npz, save_replay
 from fogsplit.core.errors import FogsplitError
-from fogsplit.core.manifest import load_bundle
+from fogsplit.core.manifest import Bundle, check_bundle_contents, load_bundle
 from fogsplit.core.mqtt import MqttTransport
+from fogsplit.core.signing import load_private_key, load_public_key, new_key_pair, sign_bundle
 from fogsplit.core.settings import ROLES, BrokerSettings, ExportConfig, ExportOptions
 from fogsplit.core.topics import Topics
 from fogsplit.core.validation import choices_of, field_doc, field_type
 from fogsplit.device.agent import DeviceAgent
 from fogsplit.device.sources import ReplaySource
-from fogsplit.export.datasets import load_data
-from fogsplit.gateway.gateway import Gateway
 
 log = logging.getLogger(__name__)
 
-BENCHES = ("comm", "prune", "cache", "broker")
+BENCHES = ("comm", "prune", "cache", "broker", "device")
 FORMATS = ("toml", "json")
+ONCE_S = 6.0   # long enough for a stats round of a gateway at its default period (5 s)
 
 
 class Binder:
@@ -94,6 +95,21 @@ def _broker_flags(bind: Binder) -> None:
     bind("fleet", "--fleet", name)
 
 
+def _trust_flags(bind: Binder) -> None:
+    """--trusted-key PATH (repeatable; given, the flags replace the file's list) and --allow-unsigned."""
+    text, _ = field_doc(bind.model, "trusted_keys")
+    bind.parser.add_argument("--trusted-key", dest="trusted_keys", action="append", type=_path,
+                             metavar="PATH", default=None, help=f"{text}; repeat for more (setting trusted_keys)")
+    bind.flags.append(("trusted_keys", "--trusted-key"))
+    bind("allow_unsigned", "--allow-unsigned", on=True)
+
+
+def _path(text: str) -> str:
+    if not text:
+        raise argparse.ArgumentTypeError("an empty path")
+    return text
+
+
 def _cache_flags(bind: Binder, section: str) -> None:
     bind(f"{section}.cache.enabled", "--cache", on=True,
          help="answer repeated scenes from a semantic cache (docs/cache.md); any --cache-* flag implies it")
@@ -131,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bundle", type=Path,
                    help="stream through this exported bundle instead of training one (give the --data, "
                         "--events and --seed it was exported with, so its test split is unseen)")
+    p.add_argument("--trusted-key", type=_path, action="append", default=[], metavar="PATH",
+                   help="with --bundle: a public key (.pub) whose signature on it is trusted; repeatable")
+    p.add_argument("--allow-unsigned", action="store_true", help="with --bundle: accept it without a signature")
     _prune_flags(demo)
     p.set_defaults(bound=demo.flags)
 
@@ -139,15 +158,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", choices=BENCHES, help="which benchmark")
     p.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's own flags")
 
-    p = sub.add_parser("data", help="write a built-in dataset as a .npz in the documented format")
-    p.add_argument("kind", choices=["images", "series"])
-    p.add_argument("--out", type=Path, required=True)
+    p = sub.add_parser("data", help="write a built-in dataset as a .npz in the documented format; replay: "
+                       "one sensor's test samples, the file a device replays (docs/device.md)")
+    p.add_argument("kind", choices=["images", "series", "replay"])
+    p.add_argument("--out", type=Path, required=True,
+                   help="the .npz to write; replay without --sensor: a folder, one <sensor>.npz each")
+    p.add_argument("--data", default="images", help="replay: images, series or a .npz data set (default images)")
+    p.add_argument("--sensor", type=name, help="replay: the device's sensor, e.g. cam0 (default: every sensor)")
+    p.add_argument("--split", choices=["train", "test", "all"], default="test",
+                   help="replay: which samples (default test: the ones the bundle never trained on)")
     p.add_argument("--events", type=positive(int))
     p.add_argument("--seed", type=int, default=0)
 
     p, bind = _role(sub, "export", "train on a dataset and write a verified bundle of ONNX shards")
     bind("data", "--data")
     bind("out", "--out", help="bundle directory")
+    bind("sign_key", "--sign-key", metavar="PATH")
     bind("events", "--events", int)
     bind("export.epochs", "--epochs", int)
     bind("export.seed", "--seed", int)
@@ -163,12 +189,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p, bind = _role(sub, "device", "run a device agent: sensor -> device shard -> MQTT")
     bind("bundle", "--bundle")
+    _trust_flags(bind)
     bind("name", "--device", name, help="sensor name in the bundle, e.g. cam0")
     _broker_flags(bind)
     bind("cell", "--cell", name)
     bind("data", "--data")
     bind("split", "--split")
-    bind("seed", "--seed", int)
     bind("count", "--count", int)
     bind("device.rate", "--rate", float)
     bind("device.policy", "--policy")
@@ -177,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p, bind = _role(sub, "gateway", "run the gateway (fog node) of one cell")
     bind("bundle", "--bundle")
+    _trust_flags(bind)
     _broker_flags(bind)
     bind("cell", "--cell", name)
     bind("name", "--name", name)
@@ -190,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p, bind = _role(sub, "cloud", "run a cloud worker (shares the forward topics with other workers)")
     bind("bundle", "--bundle")
+    _trust_flags(bind)
     _broker_flags(bind)
     bind("name", "--name", name)
     bind("raw", "--raw", on=True)
@@ -199,9 +227,35 @@ def build_parser() -> argparse.ArgumentParser:
     bind("port", "--port", int)
     bind("host", "--host")
 
-    p, bind = _role(sub, "watch", "print status, results, stats and errors of a fleet")
+    p, bind = _role(sub, "rollout", "ship a bundle to a cell's tiers over MQTT: staged, switched at an event "
+                    "boundary, health-checked, rolled back by itself (docs/rollout.md)")
+    bind("bundle", "--bundle")
+    bind("cell", "--cell", name)
+    bind("canary_cell", "--canary-cell", name)
+    bind("lead_s", "--lead-s", float)
+    bind("timeout_s", "--timeout-s", float)
+    bind("chunk_bytes", "--chunk-bytes", int)
+    _broker_flags(bind)
+
+    p, bind = _role(sub, "watch", "a live dashboard of a fleet's cells, devices and cloud workers "
+                    "(docs/monitoring.md); --raw: one line per message")
     _broker_flags(bind)
     bind("count", "--count", int)
+    bind("raw", "--raw", on=True)
+    once = bind.group()
+    bind("seconds", "--seconds", float, group=once)
+    once.add_argument("--once", action="store_true", help=f"the same as --seconds {ONCE_S:g}")
+
+    p = sub.add_parser("keys", help="make an Ed25519 key pair that signs bundles (docs/signing.md)")
+    p.add_argument("action", choices=["new"])
+    p.add_argument("--out", type=Path, required=True, help="folder for NAME.key (private, mode 0600) and NAME.pub")
+    p.add_argument("--name", type=name, default="bundle-signing", help="file name of the pair (default bundle-signing)")
+
+    p = sub.add_parser("sign", help="check a bundle's shards against its manifest, then sign the manifest")
+    p.add_argument("--bundle", type=Path, required=True, help="bundle directory")
+    p.add_argument("--key", type=Path, required=True, metavar="PATH", help="private key file (.key)")
+
+    pack.add_parser(sub)
 
     p = sub.add_parser("config", help="show a role's effective settings (secrets masked)")
     p.add_argument("action", choices=["show"])
@@ -209,6 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path, metavar="FILE", help="TOML settings file of that role")
     p.add_argument("--format", choices=FORMATS, default="toml",
                    help="toml: each key with where it came from (default); json")
+
+    acl_command.add_parser(sub)
+    health_command.add_parser(sub)
     return parser
 
 
@@ -257,7 +314,9 @@ def _run_until_done(service, source=None) -> None:
     service.stop()
 
 
-def _serve(transport: MqttTransport, service, source=None) -> int:
+def _serve(transport: MqttTransport, service, source=None, health=None) -> int:
+    if health is not None and health.file:
+        service.heartbeat(health.file, health.period_s)
     transport.connect()
     service.start()
     _run_until_done(service, source)
@@ -271,6 +330,9 @@ def cmd_config(args) -> int:
 
 
 def cmd_data(args) -> int:
+    if args.kind == "replay":
+        return _write_replay(args)
+    from fogsplit.export.datasets import load_data
     data = load_data(args.kind, seed=args.seed, events=args.events)
     save_npz(data, args.out)
     print(f"wrote {args.out}: {len(data)} events, sensors {data.sensor_names}, classes {list(data.classes)}")
@@ -288,10 +350,14 @@ def _export_options(args) -> ExportOptions:
 def cmd_export(args) -> int:
     from fogsplit.export.pipeline import export_bundle
     config = load(args).config
+    signer = load_private_key(config.sign_key) if config.sign_key else None   # a bad key stops us before training
+    from fogsplit.export.datasets import load_data
     data = load_data(config.data, seed=config.export.seed, events=config.events)
     report = export_bundle(data, Path(config.out), config.export)
     m = report.manifest
     print(f"bundle {m.model_id} in {report.path}")
+    if signer is not None:
+        print(f"  signed by key {signer.public_key.id}: {sign_bundle(Path(config.out), signer)}")
     for s in m.shards:
         print(f"  {s.file:<22} {s.tier:<8} {s.params:>8} params {s.flops / 1e6:>8.2f} MFLOPs")
     if m.compression:
@@ -303,44 +369,106 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_keys(args) -> int:
+    private, public = new_key_pair(args.out, args.name)
+    print(f"key {load_public_key(public).id}: {private} (private: keep it off the tiers), {public} (public: trust it)")
+    return 0
+
+
+def cmd_sign(args) -> int:
+    key = load_private_key(args.key)
+    manifest = check_bundle_contents(args.bundle)
+    print(f"signed bundle {manifest.model_id} in {args.bundle} with key {key.public_key.id}: "
+          f"{sign_bundle(args.bundle, key)}")
+    return 0
+
+
+def _trust(config) -> dict:
+    """load_bundle's trust arguments; the keys are read now, so a bad key file stops the start."""
+    return {"trusted_keys": [load_public_key(p) for p in config.trusted_keys], "allow_unsigned": config.allow_unsigned}
+
+
+def _log_bundle(config, bundle: Bundle) -> None:
+    if config.allow_unsigned:
+        log.warning("allow_unsigned is on: bundle %s (model %s) %s", bundle.path, bundle.manifest.model_id,
+                    "is unsigned and accepted" if bundle.signed_by is None else
+                    f"is signed by key {bundle.signed_by}, but an unsigned one would be accepted")
+    else:
+        log.info("bundle %s (model %s) signed by key %s", bundle.path, bundle.manifest.model_id, bundle.signed_by)
+
+
+def _write_replay(args) -> int:
+    from fogsplit.export.datasets import load_data
+    data = load_data(args.data, seed=args.seed, events=args.events)
+    sensors = [args.sensor] if args.sensor else data.sensor_names
+    for sensor in sensors:
+        out = args.out if args.sensor else args.out / f"{sensor}.npz"
+        save_replay(data, sensor, out, split=args.split)
+        print(f"wrote {out}: {args.split} samples of {sensor}")
+    return 0
+
+
 def _replay_samples(config, sensor: str):
-    data = load_data(config.data, seed=config.seed)
-    if sensor not in data.sensors:
-        raise ValueError(f"data {config.data} has no sensor {sensor!r} (it has {data.sensor_names})")
-    part = data if config.split == "all" else (data.test() if config.split == "test" else data.train())
-    return part.sensors[sensor]
+    """Only this sensor's array is read (docs/device.md): a device never generates data."""
+    if config.data is None:
+        raise ValueError(f"no data to replay: give --data FILE.npz, made once with: fogsplit data replay "
+                         f"--data images --sensor {sensor} --out {sensor}.npz")
+    return load_sensor(config.data, sensor, config.split)
 
 
 def cmd_device(args) -> int:
     config = load(args).config
+    samples = _replay_samples(config, config.name)
     topics, s = Topics(config.fleet), config.device
-    probe = load_bundle(config.bundle, shards=[])
+    trust = _trust(config)
+    probe = load_bundle(config.bundle, shards=[], **trust)
     shards = [] if s.policy == "raw" else [probe.manifest.device_shard(config.name).name]
-    bundle = load_bundle(config.bundle, shards=shards)
-    source = ReplaySource(_replay_samples(config, config.name), rate=s.rate, count=config.count,
+    bundle = rollout_command.load_or_stored(config, shards, trust)
+    _log_bundle(config, bundle)
+    source = ReplaySource(samples, rate=s.rate, count=config.count,
                           loop=config.count is None)
     transport = _transport(config.broker, f"{config.fleet}-{config.cell}-{config.name}")
-    agent = DeviceAgent(transport, topics, bundle, cell=config.cell, device=config.name, source=source, settings=s)
-    return _serve(transport, agent, source)
+    agent = DeviceAgent(transport, topics, bundle, cell=config.cell, device=config.name, source=source, settings=s,
+                        **rollout_command.rollout_kwargs(config, trust))
+    return _serve(transport, agent, source, health=config.health)
 
 
 def cmd_gateway(args) -> int:
     config = load(args).config
     topics = Topics(config.fleet)
-    bundle = load_bundle(config.bundle, shards=["gateway"])
+    trust = _trust(config)
+    bundle = rollout_command.load_or_stored(config, ["gateway"], trust)
+    _log_bundle(config, bundle)
     transport = _transport(config.broker, f"{config.fleet}-{config.cell}-{config.name}")
-    gateway = Gateway(transport, topics, bundle, cell=config.cell, gateway=config.name, settings=config.gateway)
-    return _serve(transport, gateway)
+    from fogsplit.gateway.gateway import Gateway
+    gateway = Gateway(transport, topics, bundle, cell=config.cell, gateway=config.name, settings=config.gateway,
+                      **rollout_command.rollout_kwargs(config, trust))
+    return _serve(transport, gateway, health=config.health)
 
 
 def cmd_cloud(args) -> int:
     config = load(args).config
     topics = Topics(config.fleet)
-    bundle = load_bundle(config.bundle, shards=None if config.raw else ["cloud"])
+    trust = _trust(config)
+    bundle = load_bundle(config.bundle, shards=None, **trust) if config.raw else \
+        rollout_command.load_or_stored(config, ["cloud"], trust)
+    _log_bundle(config, bundle)
     transport = _transport(config.broker, f"{config.fleet}-{config.name}")
+    from fogsplit.cloud.worker import CloudWorker, RawOffload
     worker = RawOffload(transport, topics, bundle, settings=config.cloud) if config.raw else \
-        CloudWorker(transport, topics, bundle, worker=config.name, settings=config.cloud)
-    return _serve(transport, worker)
+        CloudWorker(transport, topics, bundle, worker=config.name, settings=config.cloud,
+                    **rollout_command.rollout_kwargs(config, trust))
+    return _serve(transport, worker, health=config.health)
+
+
+def cmd_rollout(args) -> int:
+    config = load(args).config
+    transport = _transport(config.broker, f"rollout-{config.fleet}-{threading.get_ident()}")
+    transport.connect()
+    try:
+        return rollout_command.run(transport, config)
+    finally:
+        transport.close()
 
 
 def cmd_broker(args) -> int:
@@ -354,6 +482,14 @@ def cmd_broker(args) -> int:
 def cmd_watch(args) -> int:
     config = load(args).config
     topics = Topics(config.fleet)
+    if not config.raw and config.count is None:
+        from fogsplit.watch import run_watch   # rich: an optional extra, never on the device path
+        transport = _transport(config.broker, f"watch-{threading.get_ident()}")
+        try:
+            run_watch(transport, topics, seconds=ONCE_S if args.once else config.seconds, wait=_wait_for_signal)
+        finally:
+            transport.close()
+        return 0
     seen = threading.Semaphore(0)
     data_leaves = ("scores", "feature", "raw", "request", "forward")
 
@@ -378,20 +514,24 @@ def cmd_watch(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    from fogsplit.demo import format_report, run_demo
     report = run_demo(data=args.data, broker=args.broker, events=args.events, rate=args.rate,
                       options=_export_options(args), workdir=args.workdir, fleet=args.fleet, cell=args.cell,
-                      bundle=args.bundle)
+                      bundle=args.bundle, trusted_keys=[load_public_key(k) for k in args.trusted_key],
+                      allow_unsigned=args.allow_unsigned)
     print(format_report(report))
     write_json(args.json, report)
     return 0
 
 
-def _bench_prune(argv: list[str]) -> int:
-    from fogsplit.bench import prune  # imports torch: only when asked for
-    return prune.main(argv)
+def _bench(module: str) -> Callable[[list[str]], int]:
+    """A benchmark's ``main``, imported when it runs (prune imports torch; none is on the device path)."""
+    def run(argv: list[str]) -> int:
+        return importlib.import_module(f"fogsplit.bench.{module}").main(argv)
+    return run
 
 
-BENCH_MAINS = {"comm": bench_comm.main, "prune": _bench_prune, "cache": bench_cache.main, "broker": bench_broker.main}
+BENCH_MAINS = {name: _bench(name) for name in BENCHES}
 
 
 def cmd_bench(args) -> int:
@@ -401,7 +541,9 @@ def cmd_bench(args) -> int:
 
 COMMANDS = {"demo": cmd_demo, "bench": cmd_bench, "data": cmd_data, "export": cmd_export, "device": cmd_device,
             "gateway": cmd_gateway, "cloud": cmd_cloud, "broker": cmd_broker, "watch": cmd_watch,
-            "config": cmd_config}
+            "config": cmd_config, "keys": cmd_keys, "sign": cmd_sign, "acl": acl_command.run,
+            "health": health_command.run, "pack": pack.run,
+            "rollout": cmd_rollout}
 
 
 if __name__ == "__main__":

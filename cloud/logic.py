@@ -7,6 +7,8 @@ here. No MQTT and no threads: the services in cloud/worker.py publish what these
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import numpy as np
 
 from fogsplit.core.actions import Action, Answer, refusing
@@ -15,6 +17,7 @@ from fogsplit.core.clock import Clock
 from fogsplit.core.frames import decode_frame
 from fogsplit.core.fusion import fuse
 from fogsplit.core.manifest import Manifest, expect_frames
+from fogsplit.core.metrics import Rate, Window
 from fogsplit.core.results import make_result
 from fogsplit.core.roster import Roster, decode_device_frame, parse_status
 from fogsplit.core.runner import ShardRunner
@@ -37,11 +40,28 @@ def whole_network(runners: dict[str, ShardRunner], samples: dict[str, np.ndarray
     return runners["cloud"].run(edge_feature=edge[None])["logits"][0]
 
 
+@dataclass
+class CloudStats:
+    """The snapshot published on ``cloud/{worker}/stats`` (fields: docs/monitoring.md)."""
+
+    worker: str
+    model: str
+    time: float = 0.0
+    answered: int = 0                         # forwarded events answered
+    events_per_s: float = 0.0                 # answered per second since the last snapshot
+    latency_ms: dict[str, float | None] = field(default_factory=dict)   # capture to answer: p50, p99
+    refused: int = 0
+    inbox_dropped: int = 0
+    transport: dict = field(default_factory=dict)
+
+
 class CloudLogic:
     def __init__(self, manifest: Manifest, runner: ShardRunner, *, clock: Clock) -> None:
         self.manifest, self.runner, self.clock = manifest, runner, clock
         self.expect = expect_frames(manifest)
         self.answered = 0
+        self.latency = Window()
+        self.rate = Rate(0, clock.monotonic())
 
     @refusing
     def on_forward(self, msg: Message) -> list[Action]:
@@ -51,7 +71,15 @@ class CloudLogic:
                              devices=list(frame.devices), captured=frame.captured, model=self.manifest.model_id,
                              now=self.clock.time())
         self.answered += 1
+        self.latency.add(result.latency_ms)
         return [Answer(cell_of(msg.topic), result)]
+
+    def snapshot(self, worker: str) -> CloudStats:
+        """The counters now, the rate since the last snapshot; the service adds refused and inbox."""
+        return CloudStats(worker=worker, model=self.manifest.model_id, time=round(self.clock.time(), 3),
+                          answered=self.answered, events_per_s=self.rate.per_second(self.answered,
+                                                                                    self.clock.monotonic()),
+                          latency_ms=self.latency.percentiles(50, 99))
 
 
 class RawOffloadLogic:

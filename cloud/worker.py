@@ -1,39 +1,82 @@
 """The cloud services: a worker sharing the forward topics, and the raw-offload baseline."""
 from __future__ import annotations
 
+import json
+from dataclasses import asdict
+
 from fogsplit.core.clock import SYSTEM_CLOCK, Clock
+from fogsplit.core.actions import Answer
 from fogsplit.core.manifest import Bundle
+from fogsplit.core.models import ModelSet, WatchedRunner
+from fogsplit.core.rollout import Trust
+from fogsplit.core.rollout_link import RolloutLink
 from fogsplit.core.runner import ShardRunner
 from fogsplit.core.service import Service, status_payload
-from fogsplit.core.settings import CloudSettings
+from fogsplit.core.settings import CloudSettings, RolloutSettings
 from fogsplit.core.topics import Topics
 from fogsplit.core.transport import Transport
 
-from fogsplit.cloud.logic import CloudLogic, RawOffloadLogic, cloud_stage, whole_network
+from fogsplit.cloud.logic import CloudLogic, CloudStats, RawOffloadLogic, cloud_stage, whole_network
 
-__all__ = ["CloudWorker", "RawOffload", "cloud_stage", "whole_network"]
+__all__ = ["CloudStats", "CloudWorker", "RawOffload", "cloud_stage", "whole_network"]
 
 
 class CloudWorker(Service):
     def __init__(self, transport: Transport, topics: Topics, bundle: Bundle, *, worker: str = "cloud0",
-                 settings: CloudSettings | None = None, clock: Clock = SYSTEM_CLOCK) -> None:
-        settings = settings or CloudSettings()
+                 settings: CloudSettings | None = None, clock: Clock = SYSTEM_CLOCK,
+                 rollout: RolloutSettings | None = None, trust: Trust = Trust()) -> None:
+        self.settings = settings = settings or CloudSettings()
         super().__init__(transport, topics, f"cloud/{worker}", inbox=settings.inbox, clock=clock)
         m = bundle.manifest
         self.worker = worker
-        self.logic = CloudLogic(m, ShardRunner(bundle.shard_path(m.tier_shard("cloud")), threads=settings.threads),
-                                clock=clock)
+        self.logic = self._build(bundle)
+        self.models = ModelSet(m.model_id, self.logic)
         self.presence("cloud_status", topics.cloud_status(worker), lambda: status_payload("online", model=m.model_id),
                       status_payload("offline", model=m.model_id))
-        self.route(topics.shared("cloud", topics.forward("+")), self.logic.on_forward)
+        self.route(topics.shared("cloud", topics.forward("+")), self._on_forward)
+        # One cloud serves every cell: its rollout agents are per cell, and it keeps the model it
+        # started with for the cells that never took a rollout (docs/rollout.md).
+        self.rollout = None if rollout is None or rollout.store is None else RolloutLink(
+            self, tier="cloud", name=worker, cell=None, shards=[m.tier_shard("cloud").name], running=m.model_id,
+            settings=rollout, trust=trust, clock=clock,
+            prepare=lambda b: self.models.add(b.manifest.model_id, self._build(b)), switch=self.models.switch,
+            forget=lambda model: model != m.model_id and self.models.forget(model))
+        self.every(settings.stats_period_s, self.publish_stats)
 
     @property
     def answered(self) -> int:
-        return self.logic.answered
+        return sum(logic.answered for logic in self.models.logics.values())
+
+    # -- model switching (docs/rollout.md) ---------------------------------------------------
+    def _build(self, bundle: Bundle) -> CloudLogic:
+        m = bundle.manifest
+        runner = WatchedRunner(ShardRunner(bundle.shard_path(m.tier_shard("cloud")), threads=self.settings.threads))
+        return CloudLogic(m, runner, clock=self.clock)
+
+    def _on_forward(self, msg):
+        """A forward goes to the logic of the model its tag names: every cell's model is served."""
+        self.logic = self.models.logic_at(self.clock.time())
+        logic = self.models.by_tag(msg.payload) or self.logic
+        actions = logic.on_forward(msg)
+        failure = logic.runner.take_failure()
+        answers = [a for a in actions if isinstance(a, Answer)]
+        if self.rollout is not None and (answers or failure):
+            self.rollout.observe(logic.manifest.model_id, len(answers), failure=failure)
+        return actions
 
     def start(self) -> "CloudWorker":
         self.log.info("%s: serving model %s", self.name, self.logic.manifest.model_id)
         return super().start()
+
+    def snapshot(self) -> CloudStats:
+        stats = self.logic.snapshot(self.worker)
+        stats.refused = self.refused
+        stats.inbox_dropped = self.inbox_dropped
+        stats.transport = self.transport.stats()
+        return stats
+
+    def publish_stats(self) -> None:
+        self.send("cloud_stats", self.topics.cloud_stats(self.worker), json.dumps(asdict(self.snapshot())).encode())
 
     def on_stop(self) -> None:
         self.log.info("%s: stopping after %d answers, %d refused", self.name, self.answered, self.refused)

@@ -16,9 +16,10 @@ import logging
 import os
 import stat
 import sys
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, NamedTuple
+from typing import Annotated, Any, Iterable, Mapping, NamedTuple
 
 import msgspec
 
@@ -139,12 +140,20 @@ def _env_leaves(model: type, environ: Mapping[str, str]) -> tuple[list, list[str
             problems.append(f"{name} names a table: set its keys, e.g. {name}{ENV_SEPARATOR}...")
             continue
         try:
-            leaves.append((path, convert(environ[name], kind, strict=False), name))
+            value = [i for i in environ[name].split(",") if i] if _is_list(kind) else environ[name]
+            leaves.append((path, convert(value, kind, strict=False), name))
         except msgspec.ValidationError as exc:
             shown = MASK if name == PASSWORD_ENV else environ[name]
             expected = str(exc).split(" - at ")[0].split(", got ")[0]
             problems.append(f"{'.'.join(path)}={shown!r}: {describe(expected, kind)} (from {name})")
     return leaves, problems
+
+
+def _is_list(kind: Any) -> bool:
+    """A list setting: from the environment, its items separated by commas."""
+    while typing.get_origin(kind) is Annotated:
+        kind = typing.get_args(kind)[0]
+    return typing.get_origin(kind) in (list, tuple)
 
 
 def _merge(leaves: list[tuple[KeyPath, object, str]]) -> tuple[dict, dict[KeyPath, str]]:

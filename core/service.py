@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import queue
 import threading
 import time
@@ -78,6 +79,26 @@ class Service:
 
     def every(self, period: float, fn: Callable[[], None]) -> None:
         self._jobs.append([period, self.clock.monotonic() + period, fn])
+
+    def heartbeat(self, path: str, period: float) -> None:
+        """Write ``{"time", "name", "connected", "muted"}`` to ``path`` every ``period`` seconds from
+        the service thread: a fresh file proves the loop alive (``fogsplit health``, a container's
+        HEALTHCHECK). Written to a temporary file and renamed, so a reader never sees half of it."""
+        failed = []
+
+        def beat() -> None:
+            body = {"time": time.time(), "name": self.name, "connected": self.transport.connected,
+                    "muted": bool(getattr(self.transport, "muted", False))}
+            try:
+                with open(f"{path}.tmp", "w") as f:
+                    json.dump(body, f)
+                os.replace(f"{path}.tmp", path)
+            except OSError as exc:
+                if not failed:
+                    failed.append(exc)
+                    self.log.error("%s: cannot write the heartbeat %s: %s; the health check will fail",
+                                   self.name, path, exc)
+        self._jobs.append([period, self.clock.monotonic(), beat])
 
     # -- publishing -----------------------------------------------------------------------
     def send(self, kind: str, topic: str, payload: bytes, events: Iterable[int] = ()) -> int:

@@ -20,7 +20,7 @@ from fogsplit.core.validation import Secret, Settings, SettingsError, load, sett
 __all__ = ["ANN_LIBRARIES", "FEATURE_CODECS", "PASSWORD_ENV", "ROLES", "STREAM_CODECS", "BrokerSettings",
            "CacheSettings", "CloudConfig", "CloudSettings", "DeviceCacheSettings", "DeviceConfig",
            "DeviceSettings", "EmbeddedBrokerConfig", "ExportConfig", "ExportOptions", "GatewayConfig",
-           "GatewaySettings", "RoleConfig", "Secret", "Settings", "SettingsError", "WatchConfig"]
+           "GatewaySettings", "HealthSettings", "RoleConfig", "RolloutSettings", "Secret", "Settings", "SettingsError", "WatchConfig"]
 
 AnnLibrary = Literal["hnswlib"]
 FeatureCodec = Literal["fp32", "fp16", "int8", "sign"]
@@ -29,6 +29,7 @@ ANN_LIBRARIES = get_args(AnnLibrary)
 FEATURE_CODECS = get_args(FeatureCodec)
 STREAM_CODECS = get_args(StreamCodec)
 PASSWORD_ENV = "FOGSPLIT_BROKER__PASSWORD"
+BUILT_IN_DATA = ("images", "series")
 
 
 # -- the tiers ---------------------------------------------------------------------------------
@@ -92,6 +93,10 @@ class GatewaySettings(Settings, frozen=True):
     inbox: _field(int, "messages queued for the service; when full a new one is dropped and counted", **_INBOX) = 10_000
     capture_rate: _field(float, "captures per second of a device whose status was not seen "
                                 "(default: none assumed)", gt=0, le=10_000) | None = None
+    discovery: _field(bool, "publish Home Assistant MQTT discovery configs (retained) on every connect "
+                            "(docs/monitoring.md)") = True
+    discovery_prefix: _field(str, "topic prefix Home Assistant reads discovery configs under",
+                             pattern=r"^[A-Za-z0-9_-]{1,64}(/[A-Za-z0-9_-]{1,64}){0,3}$") = "homeassistant"
 
 
 class DeviceSettings(Settings, frozen=True):
@@ -107,6 +112,8 @@ class DeviceSettings(Settings, frozen=True):
     inbox: _field(int, "messages queued for the agent; when full a new one is dropped and counted",
                   **_INBOX) = 1000
     stats_period_s: _field(float, "seconds between two stats snapshots", gt=0, le=86_400) = 10.0
+    capture_backlog: _field(int, "captures that may wait for the shard; a new one then pushes out the "
+                                 "oldest, counted as dropped", ge=1, le=1000) = 4
 
     def check(self) -> None:
         if self.cache is not None and self.cache.max_entries > self.cache.ann_above:
@@ -121,6 +128,32 @@ class CloudSettings(Settings, frozen=True):
     inbox: _field(int, "messages queued for the service; when full a new one is dropped and counted", **_INBOX) = 10_000
     deadline_ms: _field(float, "raw offload: milliseconds to wait for every device's sample",
                         **_DEADLINE) = 250.0
+    stats_period_s: _field(float, "seconds between two stats snapshots", gt=0, le=86_400) = 10.0
+
+
+
+class RolloutSettings(Settings, frozen=True):
+    """Over-the-air rollouts (docs/rollout.md); without ``store`` the tier takes none."""
+
+    store: _field(str, "directory of the bundles received over the air; absent: no rollouts", min_length=1) \
+        | None = None
+    keep: _field(int, "bundles kept in the store; older ones are deleted", ge=1, le=100) = 3
+    max_bytes: _field(int, "bound on the bytes one rollout may stage (an offer above it is refused)",
+                      ge=1024, le=1 << 34) = 64 << 20
+    stage_timeout_s: _field(float, "seconds to receive every chunk before a rollout is refused", gt=0,
+                            le=86_400) = 120.0
+    health_events: _field(int, "events after the switch that the health check watches", ge=1, le=1_000_000) = 20
+    health_s: _field(float, "seconds after the switch after which a model without a failure is healthy",
+                     gt=0, le=86_400) = 60.0
+    drain_s: _field(float, "seconds the old model's logic stays after a switch, for its open events",
+                    gt=0, le=3600) = 10.0
+    revert_lead_s: _field(float, "seconds ahead a rollback names for the cell's switch back", ge=0, le=60) = 1.0
+
+class HealthSettings(Settings, frozen=True):
+    """The heartbeat file a container's HEALTHCHECK reads (``fogsplit health``, docs/access.md)."""
+
+    file: _field(str, "file the service writes a heartbeat to (on a tmpfs); unset: none", min_length=1) | None = None
+    period_s: _field(float, "seconds between two heartbeats", gt=0, le=3600) = 5.0
 
 
 class BrokerSettings(Settings, frozen=True):
@@ -204,8 +237,12 @@ _FLEET = _field(str, "topic namespace of the fleet", **_NAME)
 _CELL = _field(str, "cell of co-located devices", **_NAME)
 _BUNDLE = _field(str, "bundle directory", min_length=1)
 _BROKER = _field(BrokerSettings, "the MQTT broker connection")
+_HEALTH = _field(HealthSettings, "the heartbeat for a health check")
 _DATA = _field(str, "images, series, or a .npz file", min_length=1)
-_SEED = _field(int, "seed of the built-in data", ge=0, le=2**32 - 1)
+_TRUSTED = _field(list[_field(str, "a public key file", min_length=1)],
+                  "public key files (.pub) whose signature on the bundle is trusted (docs/signing.md)", max_length=64)
+_UNSIGNED = _field(bool, "accept a bundle that has no manifest.sig, with a warning (a signed one is always checked)")
+_ROLLOUT = _field(RolloutSettings, "over-the-air rollouts (docs/rollout.md)")
 
 
 class RoleConfig(Settings, frozen=True):
@@ -221,12 +258,22 @@ class DeviceConfig(RoleConfig, frozen=True):
     name: _field(str, "this device's sensor in the bundle, e.g. cam0", **_NAME)
     fleet: _FLEET = "demo"
     cell: _CELL = "cell0"
-    data: _field(str, "replay source: images, series, or a .npz file", min_length=1) = "images"
+    data: _field(str, "replay file (.npz) of this sensor: fogsplit data replay; or a whole data set .npz",
+                 min_length=1) | None = None
     split: _field(Literal["train", "test", "all"], "which part of the data to replay") = "test"
-    seed: _SEED = 0
     count: _field(int, "stop after this many captures (default: loop for ever)", ge=1) | None = None
+    trusted_keys: _TRUSTED = msgspec.field(default_factory=list)
+    allow_unsigned: _UNSIGNED = False
+    rollout: _ROLLOUT = msgspec.field(default_factory=RolloutSettings)
     broker: _BROKER = msgspec.field(default_factory=BrokerSettings)
+    health: _HEALTH = msgspec.field(default_factory=HealthSettings)
     device: _field(DeviceSettings, "the agent") = msgspec.field(default_factory=DeviceSettings)
+
+    def check(self) -> None:
+        if self.data in BUILT_IN_DATA:
+            raise SettingsError(f"data: {self.data!r} is built-in data, which a device would generate in full at "
+                                f"every start; give it a replay file of its own sensor, made once with: fogsplit "
+                                f"data replay --data {self.data} --sensor {self.name} --out {self.name}.npz")
 
 
 class GatewayConfig(RoleConfig, frozen=True):
@@ -236,7 +283,11 @@ class GatewayConfig(RoleConfig, frozen=True):
     fleet: _FLEET = "demo"
     cell: _CELL = "cell0"
     name: _field(str, "this gateway's name", **_NAME) = "gw0"
+    trusted_keys: _TRUSTED = msgspec.field(default_factory=list)
+    allow_unsigned: _UNSIGNED = False
+    rollout: _ROLLOUT = msgspec.field(default_factory=RolloutSettings)
     broker: _BROKER = msgspec.field(default_factory=BrokerSettings)
+    health: _HEALTH = msgspec.field(default_factory=HealthSettings)
     gateway: _field(GatewaySettings, "the gateway") = msgspec.field(default_factory=GatewaySettings)
 
 
@@ -247,7 +298,11 @@ class CloudConfig(RoleConfig, frozen=True):
     fleet: _FLEET = "demo"
     name: _field(str, "this worker's name (its MQTT client id is <fleet>-<name>)", **_NAME) = "cloud0"
     raw: _field(bool, "cloud-only baseline: take raw samples, run everything") = False
+    trusted_keys: _TRUSTED = msgspec.field(default_factory=list)
+    allow_unsigned: _UNSIGNED = False
+    rollout: _ROLLOUT = msgspec.field(default_factory=RolloutSettings)
     broker: _BROKER = msgspec.field(default_factory=BrokerSettings)
+    health: _HEALTH = msgspec.field(default_factory=HealthSettings)
     cloud: _field(CloudSettings, "the worker") = msgspec.field(default_factory=CloudSettings)
 
 
@@ -255,6 +310,8 @@ class ExportConfig(RoleConfig, frozen=True):
     role: ClassVar[str] = "export"
 
     out: _field(str, "bundle directory to write", min_length=1)
+    sign_key: _field(str, "private key file (.key) that signs the bundle once written (docs/signing.md)",
+                     min_length=1) | None = None
     data: _DATA = "images"
     events: _field(int, "how many events the built-in generator makes", ge=1) | None = None
     export: _field(ExportOptions, "training, pruning and splitting") = msgspec.field(default_factory=ExportOptions)
@@ -271,9 +328,30 @@ class WatchConfig(RoleConfig, frozen=True):
     role: ClassVar[str] = "watch"
 
     fleet: _FLEET = "demo"
-    count: _field(int, "stop after this many messages", ge=1) | None = None
+    count: _field(int, "stop after this many messages (implies raw)", ge=1) | None = None
+    raw: _field(bool, "one line per message instead of the dashboard") = False
+    seconds: _field(float, "listen this long, print one screen of the dashboard and exit "
+                           "(default: refresh it live)", gt=0, le=86_400) | None = None
     broker: _BROKER = msgspec.field(default_factory=BrokerSettings)
 
 
+
+class RolloutCommandConfig(RoleConfig, frozen=True):
+    """``fogsplit rollout``: ship a bundle to a cell over MQTT (docs/rollout.md)."""
+
+    role: ClassVar[str] = "rollout"
+
+    bundle: _BUNDLE
+    cell: _CELL
+    fleet: _FLEET = "demo"
+    canary_cell: _field(str, "a cell that takes the bundle first; the others wait for it to be healthy",
+                        **_NAME) | None = None
+    lead_s: _field(float, "seconds between the activation message and the switch", gt=0, le=3600) = 5.0
+    timeout_s: _field(float, "seconds to wait for every tier to report staged, then healthy", gt=0,
+                      le=86_400) = 120.0
+    chunk_bytes: _field(int, "bytes of one shard chunk", ge=1024, le=1 << 20) = 64 << 10
+    broker: _BROKER = msgspec.field(default_factory=BrokerSettings)
+
 ROLES: dict[str, type[RoleConfig]] = {c.role: c for c in (
-    DeviceConfig, GatewayConfig, CloudConfig, ExportConfig, EmbeddedBrokerConfig, WatchConfig)}
+    DeviceConfig, GatewayConfig, CloudConfig, ExportConfig, EmbeddedBrokerConfig, WatchConfig,
+    RolloutCommandConfig)}

@@ -45,9 +45,24 @@ TOPICS: dict[str, TopicKind] = {t.kind: t for t in (
     TopicKind("gateway_status", "cell/{cell}/gateway/{gateway}/status", 1, True, "JSON", "gateway", "operators"),
     TopicKind("gateway_stats", "cell/{cell}/gateway/{gateway}/stats", 0, False, "JSON", "gateway", "operators"),
     TopicKind("cloud_status", "cloud/{worker}/status", 1, True, "JSON", "cloud", "operators"),
+    TopicKind("cloud_stats", "cloud/{worker}/stats", 0, False, "JSON", "cloud", "operators"),
     TopicKind("cmd", "cell/{cell}/cmd/{setting}", 1, False, "JSON", "operator", "gateway, devices"),
-    TopicKind("model", "model/{tier}", 1, True, "JSON", "operator", "every tier (not read yet)"),
+    # Over-the-air rollout (docs/rollout.md). The offer is retained: a tier that starts or
+    # reconnects later learns the cell's target model and its activation time. Chunks are QoS 1
+    # and not retained (each tier subscribes to its own shards' chunks only; a lost one fails
+    # the staging, whose sha256 check the chunks need no checksum of their own for); statuses
+    # are retained so that the operator's command, and the tier's peers, see the last word.
+    TopicKind("rollout", "model/cell/{cell}/rollout", 1, True, "JSON", "operator (fogsplit rollout)",
+              "the cell's devices and gateway, cloud workers"),
+    TopicKind("rollout_chunk", "model/{model}/shard/{shard}/{index}", 1, False, "bytes", "operator",
+              "the tiers that run that shard"),
+    TopicKind("rollout_status", "model/cell/{cell}/status/{tier}/{name}", 1, True, "JSON", "every tier",
+              "operators, the cell's tiers (a rollback is followed)"),
     TopicKind("error", "error", 1, False, "JSON", "any tier", "operators"),
+    # Home Assistant MQTT discovery: outside the fleet's root, under the discovery prefix
+    # (a setting, "homeassistant" by default); retained so that Home Assistant finds it on start.
+    TopicKind("discovery", "{prefix}/{component}/{node}/{object}/config", 1, True, "JSON", "gateway",
+              "Home Assistant"),
 )}
 
 
@@ -111,11 +126,20 @@ class Topics:
     def cloud_status(self, worker: str) -> str:
         return f"{self.root}/cloud/{worker}/status"
 
+    def cloud_stats(self, worker: str) -> str:
+        return f"{self.root}/cloud/{worker}/stats"
+
     def cmd(self, cell: str, setting: str) -> str:
         return f"{self.root}/cell/{cell}/cmd/{setting}"
 
-    def model(self, tier: str) -> str:
-        return f"{self.root}/model/{tier}"
+    def rollout(self, cell: str) -> str:
+        return self.topic("rollout", cell=cell)
+
+    def rollout_chunk(self, model: str, shard: str, index: int | str) -> str:
+        return self.topic("rollout_chunk", model=model, shard=shard, index=str(index))
+
+    def rollout_status(self, cell: str, tier: str, name: str) -> str:
+        return self.topic("rollout_status", cell=cell, tier=tier, name=name)
 
     @property
     def error(self) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -19,6 +19,7 @@ from fogsplit.core.commands import parse_thresholds
 from fogsplit.core.frames import FEATURE, GONE, RAW, SCORES, decode_frame, encode_events_frame, encode_slot_frame, \
     unwrap_slot
 from fogsplit.core.manifest import Manifest, expect_frames, raw_codec
+from fogsplit.core.metrics import Window
 from fogsplit.core.results import parse_result
 from fogsplit.core.runner import ShardRunner
 from fogsplit.core.settings import DeviceSettings
@@ -71,7 +72,7 @@ class FeatureStore:
 
 @dataclass
 class DeviceStats:
-    """The snapshot published on ``.../device/{dev}/stats``."""
+    """The snapshot published on ``.../device/{dev}/stats`` (fields: docs/monitoring.md)."""
 
     device: str
     cell: str
@@ -88,6 +89,10 @@ class DeviceStats:
     gone: int = 0
     refused: int = 0
     inbox_dropped: int = 0
+    shard_ms: dict[str, float | None] = field(default_factory=dict)   # p50, p99 over the newest runs
+    rss_mb: float | None = None
+    cpu_s: float | None = None            # process CPU seconds so far
+    cpu_percent: float | None = None      # of one core, since the last snapshot
     transport: dict | None = None
 
 
@@ -108,6 +113,7 @@ class DeviceLogic:
         self.cache = DeviceCache(manifest, cache) if cache is not None and cache.enabled and settings.policy != "raw" \
             else None
         self.stats = DeviceStats(device=device, cell=cell, model=manifest.model_id, policy=settings.policy)
+        self.shard_window = Window()
 
     def _send(self, kind: str, payload: bytes, events: list[int]) -> Send:
         return Send(self.cell, self.device, kind, payload, tuple(events))
@@ -119,9 +125,11 @@ class DeviceLogic:
             frame = encode_slot_frame(RAW, model=model, event=event, tensor=np.asarray(capture.sample),
                                       codec=raw_codec(self.sensor))
             return [self._send("raw", frame, [event])]
+        started = self.clock.monotonic()
         scores, feature = run_device_shard(self.runner, capture.sample)
-        eager = self.settings.policy == "eager"
         now = self.clock.monotonic()
+        self.shard_window.add((now - started) * 1000.0)
+        eager = self.settings.policy == "eager"
         vote = self.cache.vote(feature, scores, now) if self.cache is not None else None
         frame = encode_slot_frame(SCORES, model=model, event=event, tensor=scores, codec=self.codecs["scores"],
                                   feature=feature if eager else None, feature_codec=self.codecs["feature"],
@@ -179,8 +187,6 @@ class DeviceLogic:
         return []
 
     def snapshot(self) -> DeviceStats:
-        s = self.stats
-        s.time = round(self.clock.time(), 3)
-        s.features_held = len(self.store)
-        s.features_evicted = self.store.evicted
-        return DeviceStats(**vars(s))
+        """The counters as they are now; the service adds what only it knows (process, inbox)."""
+        return replace(self.stats, time=round(self.clock.time(), 3), features_held=len(self.store),
+                       features_evicted=self.store.evicted, shard_ms=self.shard_window.percentiles(50, 99))

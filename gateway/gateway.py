@@ -4,11 +4,18 @@ from __future__ import annotations
 import json
 from dataclasses import asdict
 
+from fogsplit.core.actions import Answer, Refuse
 from fogsplit.core.clock import SYSTEM_CLOCK, Clock
+from fogsplit.core.discovery import cell_configs
 from fogsplit.core.manifest import Bundle
+from fogsplit.core.metrics import ratio
+from fogsplit.core.models import ModelSet, WatchedRunner
+from fogsplit.core.rollout import Trust
+from fogsplit.core.rollout_link import RolloutLink
+from fogsplit.core.roster import DeviceStatus
 from fogsplit.core.runner import ShardRunner
 from fogsplit.core.service import Service, status_payload
-from fogsplit.core.settings import GatewaySettings
+from fogsplit.core.settings import GatewaySettings, RolloutSettings
 from fogsplit.core.topics import Topics
 from fogsplit.core.transport import Transport
 
@@ -19,22 +26,28 @@ __all__ = ["Gateway", "GatewaySettings", "GatewayStats"]
 
 class Gateway(Service):
     def __init__(self, transport: Transport, topics: Topics, bundle: Bundle, *, cell: str,
-                 gateway: str = "gw0", settings: GatewaySettings | None = None, clock: Clock = SYSTEM_CLOCK) -> None:
+                 gateway: str = "gw0", settings: GatewaySettings | None = None, clock: Clock = SYSTEM_CLOCK,
+                 rollout: RolloutSettings | None = None, trust: Trust = Trust()) -> None:
         self.settings = settings = settings or GatewaySettings()
         super().__init__(transport, topics, f"{cell}/{gateway}", inbox=settings.inbox, clock=clock)
         m = bundle.manifest
         self.cell, self.gateway = cell, gateway
-        runner = ShardRunner(bundle.shard_path(m.tier_shard("gateway")), threads=settings.threads)
-        self.logic = GatewayLogic(m, runner, cell=cell, gateway=gateway, settings=settings, clock=clock)
-        self.presence("gateway_status", topics.gateway_status(cell, gateway),
-                      lambda: status_payload("online", model=m.model_id), status_payload("offline", model=m.model_id))
+        self.logic = self._build(bundle)
+        self.models = ModelSet(m.model_id, self.logic)
+        self._announce(publish=False)
         if self.logic.cache is not None:
-            self.route(topics.result(cell), self.logic.on_result)
-        self.route(topics.scores(cell, "+"), self.logic.on_scores)
-        self.route(topics.feature(cell, "+"), self.logic.on_feature)
-        self.route(topics.device_status(cell, "+"), self.logic.on_status)
-        self.route(topics.cmd(cell, "+"), self.logic.on_command)
+            self.route(topics.result(cell), self._to_all("on_result"))
+        self.route(topics.scores(cell, "+"), self._on_frame("on_scores"))
+        self.route(topics.feature(cell, "+"), self._on_frame("on_feature"))
+        self.route(topics.device_status(cell, "+"), self._on_status)
+        self.route(topics.cmd(cell, "+"), self._to_all("on_command"))
+        self.rollout = None if rollout is None or rollout.store is None else RolloutLink(
+            self, tier="gateway", name=gateway, cell=cell, shards=[m.tier_shard("gateway").name], running=m.model_id,
+            settings=rollout, trust=trust, clock=clock, prepare=self._prepare, switch=self.models.switch,
+            forget=self.models.forget)
         self.every(settings.stats_period_s, self.publish_stats)
+        if settings.discovery:
+            transport.add_connect_listener(lambda: self.submit(self.publish_discovery))
 
     @property
     def manifest(self):
@@ -54,22 +67,110 @@ class Gateway(Service):
         return super().start()
 
     def next_timer(self) -> float | None:
-        return self.logic.next_deadline()
+        return min((t for logic in self.models.logics.values() if (t := logic.next_deadline()) is not None),
+                   default=None)
 
     def on_timer(self, now: float) -> None:
-        self.apply(self.logic.on_timer(now))
+        self._follow_schedule()
+        for logic in list(self.models.logics.values()):
+            self.apply(self._observe(logic, logic.on_timer(now)))
+
+    # -- model switching (docs/rollout.md) ---------------------------------------------------
+    def _build(self, bundle: Bundle) -> GatewayLogic:
+        m = bundle.manifest
+        runner = WatchedRunner(ShardRunner(bundle.shard_path(m.tier_shard("gateway")), threads=self.settings.threads))
+        logic = GatewayLogic(m, runner, cell=self.cell, gateway=self.gateway, settings=self.settings, clock=self.clock)
+        if hasattr(self, "models"):
+            logic.owns = lambda captured, model=m.model_id: self.models.owns(model, captured)
+        return logic
+
+    def _prepare(self, bundle: Bundle) -> None:
+        """B's logic beside A's: it starts knowing the devices A knows (their rate, who is online)."""
+        logic = self._build(bundle)
+        if logic.sensors != self.logic.sensors:
+            raise ValueError(f"model {bundle.manifest.model_id} has sensors {logic.sensors}, this cell "
+                             f"{self.logic.sensors}")
+        for device, status in self.logic.roster.devices.items():
+            logic.roster.devices[device] = DeviceStatus(status.state, None, status.rate)
+        logic.assembler.online = set(self.logic.assembler.online)
+        self.logic.owns = lambda captured, model=self.logic.manifest.model_id: self.models.owns(model, captured)
+        self.models.add(bundle.manifest.model_id, logic)
+
+    def _follow_schedule(self) -> None:
+        logic = self.models.logic_at(self.clock.time())
+        if logic is not self.logic:
+            self.logic = logic
+            self._announce()
+
+    def _announce(self, *, publish: bool = True) -> None:
+        model = self.logic.manifest.model_id
+        topic = self.topics.gateway_status(self.cell, self.gateway)
+        online = lambda: status_payload("online", model=model)  # noqa: E731
+        self.presence("gateway_status", topic, online, status_payload("offline", model=model))
+        if publish:
+            self.send("gateway_status", topic, online())
+            self.log.info("%s: events captured now are decided by model %s", self.name, model)
+
+    def _observe(self, logic: GatewayLogic, actions):
+        """Feed the health check with what the logic just answered."""
+        if self.rollout is not None and actions:
+            answers = [a for a in actions if isinstance(a, Answer)]
+            failure = logic.runner.take_failure()
+            if answers or failure:
+                self.rollout.observe(logic.manifest.model_id, len(answers),
+                                     degraded=sum(a.result.degraded for a in answers), failure=failure)
+        return actions
+
+    def _on_frame(self, method: str):
+        def handle(msg):
+            self._follow_schedule()
+            logic = self.models.by_tag(msg.payload) or self.logic
+            return self._observe(logic, getattr(logic, method)(msg))
+        return handle
+
+    def _to_all(self, method: str):
+        """A command or a result concerns every model held; the current one's refusal is reported."""
+        def handle(msg):
+            self._follow_schedule()
+            for logic in [lg for lg in self.models.logics.values() if lg is not self.logic]:
+                getattr(logic, method)(msg)
+            return getattr(self.logic, method)(msg)
+        return handle
+
+    def _on_status(self, msg):
+        """A device's status goes to the logic of the model it names (to every one when offline)."""
+        self._follow_schedule()
+        try:
+            body = json.loads(msg.payload)
+            model = body.get("model") if body.get("state") == "online" else None
+        except (ValueError, UnicodeDecodeError, AttributeError):
+            model = None
+        if model in self.models.logics:
+            return self.models.logics[model].on_status(msg)
+        others = [lg for lg in self.models.logics.values() if lg is not self.logic] if model is None else []
+        return [a for lg in others for a in lg.on_status(msg) if not isinstance(a, Refuse)] + self.logic.on_status(msg)
 
     def snapshot(self) -> GatewayStats:
         stats = self.logic.snapshot()
         stats.refused = self.refused
         stats.inbox_dropped = self.inbox_dropped
         stats.bytes_out = sum(self.transport.meter.snapshot()[1].values())
+        stats.bytes_per_event = ratio(stats.bytes_out, stats.events)
         stats.transport = self.transport.stats()
         return stats
 
     def publish_stats(self) -> None:
         self.send("gateway_stats", self.topics.gateway_stats(self.cell, self.gateway),
                   json.dumps(asdict(self.snapshot())).encode())
+
+    def publish_discovery(self) -> None:
+        """The cell's Home Assistant discovery configs, retained (core/discovery.py)."""
+        prefix = self.settings.discovery_prefix
+        configs = cell_configs(self.topics, prefix=prefix, cell=self.cell, gateway=self.gateway,
+                               devices=self.logic.sensors, model=self.manifest.model_id)
+        for config in configs:
+            self.send("discovery", config.topic, config.payload)
+        self.log.info("%s: published %d Home Assistant discovery configs under %s/", self.name, len(configs), prefix)
 
     def on_stop(self) -> None:
         self.log.info("%s: stopping; %s", self.name, json.dumps(asdict(self.snapshot())))

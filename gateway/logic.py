@@ -16,7 +16,8 @@ A request nobody answers in time answers from the local exit, marked degraded.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Callable
 
 import numpy as np
 
@@ -28,6 +29,7 @@ from fogsplit.core.errors import FrameError
 from fogsplit.core.frames import GONE, REQUEST, encode_events_frame, encode_forward_frame, to_slot
 from fogsplit.core.fusion import fuse
 from fogsplit.core.manifest import Manifest, expect_frames
+from fogsplit.core.metrics import Rate, Window, ages, ratio
 from fogsplit.core.results import EXIT_TIERS, make_result, parse_result
 from fogsplit.core.roster import Roster, decode_device_frame, parse_status
 from fogsplit.core.runner import ShardRunner
@@ -43,7 +45,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class GatewayStats:
-    """The snapshot published on ``.../gateway/{gw}/stats``."""
+    """The snapshot published on ``.../gateway/{gw}/stats`` (fields: docs/monitoring.md)."""
 
     gateway: str
     cell: str
@@ -61,8 +63,17 @@ class GatewayStats:
     bytes_out: int = 0
     shard_runs: int = 0
     inbox_dropped: int = 0
+    events_per_s: float = 0.0                 # since the last snapshot
+    latency_ms: dict[str, dict[str, float | None]] = field(default_factory=dict)   # per exit tier: p50 p95 p99
+    cache_hit_rate: float | None = None       # answered by a cache / events that went past the local exit
+    bytes_per_event: float | None = None      # bytes this gateway published / events
+    last_seen_s: dict[str, float | None] = field(default_factory=dict)   # per device: seconds since its last word
+    thresholds: dict[str, float] = field(default_factory=dict)
     transport: dict = field(default_factory=dict)
     cache: dict = field(default_factory=dict)
+
+
+LATENCY_PERCENTILES = (50, 95, 99)
 
 
 class GatewayLogic:
@@ -82,6 +93,10 @@ class GatewayLogic:
             if settings.cache is not None and settings.cache.enabled else None
         self.stats = GatewayStats(gateway=gateway, cell=cell, model=m.model_id)
         self.started = clock.monotonic()
+        self.latency = {tier: Window() for tier in EXIT_TIERS}
+        self.last_seen: dict[str, float] = {}
+        self.rate = Rate(0, self.started)
+        self.owns: Callable[[float], bool] = lambda captured: True   # a rollout narrows it (docs/rollout.md)
 
     # -- inputs ---------------------------------------------------------------------------
     @refusing
@@ -124,6 +139,8 @@ class GatewayLogic:
         if device not in self.sensors:
             return []
         self.roster.update(device, status)
+        if status.state == "online":
+            self.last_seen[device] = self.clock.monotonic()
         if status.state == "online" and status.model not in (None, self.manifest.model_id):
             self.assembler.online.discard(device)
             raise FrameError("model", f"{device!r} came online with model {status.model!r}, this gateway runs "
@@ -157,6 +174,8 @@ class GatewayLogic:
         if self.cache is not None:
             result = parse_result(msg.payload, msg.topic)
             self.cache.on_result(result.event, result.label, result.exit, result.model, self.clock.monotonic())
+            if result.exit == "cloud" and isinstance(result.latency_ms, (int, float)):
+                self.latency["cloud"].add(result.latency_ms)
         return []
 
     def next_deadline(self) -> float | None:
@@ -169,18 +188,28 @@ class GatewayLogic:
         return actions
 
     def snapshot(self) -> GatewayStats:
-        s = self.stats
-        s.time = round(self.clock.time(), 3)
-        s.uptime_s = round(self.clock.monotonic() - self.started, 1)
-        s.open_events = len(self.assembler.open)
-        s.online_devices = sorted(self.assembler.expected())
-        s.cache = self.cache.snapshot() if self.cache is not None else {}
-        return GatewayStats(**{k: (dict(v) if isinstance(v, dict) else list(v) if isinstance(v, list) else v)
-                               for k, v in vars(s).items()})
+        """The counters as they are now, and the rates since the last snapshot; the service adds
+        what only it knows (refused, inbox, bytes, transport)."""
+        s, now = self.stats, self.clock.monotonic()
+        exits = dict(s.exits)
+        past_local = s.events - exits["local"] + s.degraded
+        return replace(
+            s, time=round(self.clock.time(), 3), uptime_s=round(now - self.started, 1), exits=exits,
+            open_events=len(self.assembler.open), online_devices=sorted(self.assembler.expected()),
+            events_per_s=self.rate.per_second(s.events, now),
+            latency_ms={tier: w.percentiles(*LATENCY_PERCENTILES) for tier, w in self.latency.items()},
+            cache_hit_rate=ratio(exits["cache"], past_local) if self.cache is not None else None,
+            last_seen_s=ages(self.last_seen, now, self.sensors), thresholds=dict(self.thresholds),
+            cache=self.cache.snapshot() if self.cache is not None else {})
 
     # -- stages ---------------------------------------------------------------------------
     def _device_frame(self, msg: Message):
         got = decode_device_frame(msg.payload, msg.topic, self.expect, self.roster, self.clock.time())
+        if got.captured is not None and not self.owns(got.captured):
+            raise FrameError("model", f"event {got.event} belongs to another model than {self.manifest.model_id} "
+                                      "(captured on the other side of a switch, docs/rollout.md)",
+                             device=got.device, event=got.event, topic=msg.topic)
+        self.last_seen[got.device] = self.clock.monotonic()
         if self.roster.saw_frame(got.device):
             self.stats.rejoined += 1
             self.assembler.online.add(got.device)
@@ -260,5 +289,6 @@ class GatewayLogic:
                              devices=devices or ev.devices, captured=ev.captured, model=self.manifest.model_id,
                              now=self.clock.time(), degraded=degraded)
         self.stats.exits[tier] += 1
+        self.latency[tier].add(result.latency_ms)
         self.assembler.finish(ev.event)
         return [Answer(self.cell, result)]

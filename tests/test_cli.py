@@ -57,9 +57,10 @@ def test_bad_data_file_is_a_clear_error(tmp_path, capsys):
     assert "not a readable .npz" in capsys.readouterr().err
 
 
-def test_unreachable_broker_is_a_clear_error(bundle_dir, capsys):
+def test_unreachable_broker_is_a_clear_error(bundle_dir, trusted_keys, capsys):
     from fogsplit.bench.embedded import free_port
-    code = main(["cloud", "--bundle", str(bundle_dir), "--broker", f"mqtt://127.0.0.1:{free_port()}"])
+    code = main(["cloud", "--bundle", str(bundle_dir), "--trusted-key", str(trusted_keys[0]),
+                 "--broker", f"mqtt://127.0.0.1:{free_port()}"])
     assert code == 2
     assert "cannot reach broker" in capsys.readouterr().err
 
@@ -90,6 +91,7 @@ def test_bench_flags_are_refused(argv, needle, capsys):
     assert needle in capsys.readouterr().err
 
 
-def test_demo_refuses_a_bundle_built_for_other_data(bundle_dir, capsys):
-    assert main(["demo", "--bundle", str(bundle_dir), "--data", "series", "--events", "60"]) == 2
+def test_demo_refuses_a_bundle_built_for_other_data(bundle_dir, trusted_keys, capsys):
+    assert main(["demo", "--bundle", str(bundle_dir), "--trusted-key", str(trusted_keys[0]), "--data", "series",
+                 "--events", "60"]) == 2
     assert "sensors" in capsys.readouterr().err

@@ -14,7 +14,7 @@ from fogsplit.core.frames import FEATURE, GONE, REQUEST, SCORES, decode_frame, e
 from fogsplit.core.manifest import expect_frames
 from fogsplit.core.settings import DeviceCacheSettings, DeviceSettings
 from fogsplit.core.transport import Message
-from fogsplit.device.agent import CaptureSlot
+from fogsplit.device.agent import CaptureBacklog
 from fogsplit.device.logic import DeviceLogic
 from fogsplit.device.sources import Capture
 
@@ -93,16 +93,20 @@ def test_bad_input_is_refused_with_its_rule(message, rule):
     assert isinstance(refused, Refuse) and refused.error.rule == rule
 
 
-def test_the_capture_slot_keeps_only_the_newest_and_counts_the_rest():
-    slot = CaptureSlot()
-    assert slot.put(capture(1)) is True            # the consumer must be woken
+def test_the_capture_backlog_keeps_the_newest_and_counts_what_it_pushed_out():
+    backlog = CaptureBacklog(depth=3)
+    assert backlog.put(capture(1)) is True             # the consumer must be woken
     for event in range(2, 101):
-        assert slot.put(capture(event)) is False   # a wake-up is already pending
-    assert slot.take().event == 100 and slot.dropped == 99
-    assert slot.take() is None
-    assert slot.put(capture(101)) is True
-    slot.wake_failed()                             # the inbox was full: the next put wakes again
-    assert slot.put(capture(102)) is True and slot.dropped == 100
+        assert backlog.put(capture(event)) is False    # a wake-up is already pending
+    assert len(backlog) == 3 and backlog.dropped == 97
+    taken = [backlog.take() for _ in range(3)]
+    assert [(c.event, more) for c, more in taken] == [(98, True), (99, True), (100, False)]
+    assert backlog.take() == (None, False)
+    assert backlog.put(capture(101)) is True
+    backlog.wake_failed()                               # the inbox was full: the next put wakes again
+    assert backlog.put(capture(102)) is True and backlog.dropped == 97
+    with pytest.raises(ValueError):
+        CaptureBacklog(depth=0)
 
 
 def test_the_cloud_answers_a_forward_in_the_forwarding_cell():
