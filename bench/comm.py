@@ -87,7 +87,10 @@ def measure(url: str, bundle: Bundle, test, *, rate: float, policy: str = "reque
                               gateway_settings=settings, fleet="bench")
     report = summarize(outcome)
     if report["lost"] or report["duplicates"]:
-        log.warning("lost %d, duplicated %d events", report["lost"], report["duplicates"])
+        log.warning("lost %d, duplicated %d events; devices dropped/skipped %s; gateway %s", report["lost"],
+                    report["duplicates"], outcome.devices,
+                    {k: outcome.gateway.get(k) for k in ("events", "exits", "degraded", "refused", "inbox_dropped",
+                                                         "transport")})
     return report
 
 

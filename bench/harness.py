@@ -61,6 +61,7 @@ class Outcome:
     bytes_by_event: dict[int, float]
     bytes_by_leaf: dict[str, int] = field(default_factory=dict)
     gateway: dict = field(default_factory=dict)   # the gateway's last stats snapshot
+    devices: dict = field(default_factory=dict)   # per device: captures it dropped, slots it skipped
 
 
 def stream_test_set(url: str, bundle: Bundle, test: Dataset, *, policy: str = "request",
@@ -93,13 +94,12 @@ def stream_test_set(url: str, bundle: Bundle, test: Dataset, *, policy: str = "r
         services.append(CloudWorker(cloud_link(cloud_transport) if cloud_link else cloud_transport, topics, bundle))
         gateway = Gateway(connect("gw0"), topics, bundle, cell=cell, settings=gateway_settings)
         services.append(gateway)
-    start_slot = math.ceil((time.time() + 1.5) * rate)
     n = len(test)
     sources = []
     for sensor in bundle.manifest.sensor_names:
         if sensor in missing:
             continue
-        source = ReplaySource(test.sensors[sensor], rate=rate, start_slot=start_slot, count=n)
+        source = ReplaySource(test.sensors[sensor], rate=rate, start_slot=None, count=n)
         sources.append(source)
         settings = DeviceSettings(policy=policy, rate=rate, cache=device_cache and DeviceCacheSettings(
             **msgspec.structs.asdict(device_cache)))
@@ -110,6 +110,11 @@ def stream_test_set(url: str, bundle: Bundle, test: Dataset, *, policy: str = "r
             collector.transport.publish(topics.device_status(cell, sensor), status_payload("offline"), retain=True)
     for service in services:
         service.transport.connect()
+    # The first capture is due 0.5 s after everything is connected, however long connecting
+    # took: a source that starts more than a second late skips ahead (device/sources.py).
+    start_slot = math.ceil((time.time() + 0.5) * rate)
+    for source in sources:
+        source.start_slot = start_slot
     for service in services:
         service.start()
     events = {start_slot + i: int(test.y[i]) for i in range(n)}
@@ -118,6 +123,8 @@ def stream_test_set(url: str, bundle: Bundle, test: Dataset, *, policy: str = "r
         wait_until(lambda: collector.count(wanted) == n, timeout=n / rate + 1.5 + settle_s + 30, interval=0.05)
         time.sleep(0.3)  # a duplicate would arrive now
         gateway_stats = asdict(gateway.snapshot()) if policy != "raw" else {}
+        device_losses = {s.device: {"dropped_captures": s.backlog.dropped, "skipped_slots": s.source.skipped}
+                         for s in services if isinstance(s, DeviceAgent)}
     finally:
         for service in services:
             service.stop()
@@ -126,7 +133,7 @@ def stream_test_set(url: str, bundle: Bundle, test: Dataset, *, policy: str = "r
         collector.close()
     by_event, by_leaf = meter.snapshot()
     return Outcome(events=events, results=dict(collector.results), bytes_by_event=by_event, bytes_by_leaf=by_leaf,
-                   gateway=gateway_stats)
+                   gateway=gateway_stats, devices=device_losses)
 
 
 def percentiles(values: list[float]) -> dict[str, float] | None:

@@ -113,7 +113,7 @@ class DeviceSettings(Settings, frozen=True):
                   **_INBOX) = 1000
     stats_period_s: _field(float, "seconds between two stats snapshots", gt=0, le=86_400) = 10.0
     capture_backlog: _field(int, "captures that may wait for the shard; a new one then pushes out the "
-                                 "oldest, counted as dropped", ge=1, le=1000) = 4
+                                 "oldest, counted as dropped", ge=1, le=1000) = 16
 
     def check(self) -> None:
         if self.cache is not None and self.cache.max_entries > self.cache.ann_above:

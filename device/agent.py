@@ -2,8 +2,8 @@
 
 Runs on a Pi-class board with onnxruntime, numpy, paho-mqtt and msgpack only.
 
-Bound on captures: a short backlog (``capture_backlog`` captures, 4 by default), the oldest
-dropped first. A shard that is slower than the capture rate never builds a queue behind it:
+Bound on captures: a short backlog (``capture_backlog`` captures, 16 by default: 0.4 s at 40
+captures/s, enough for a garbage-collection pause of a busy process), the oldest dropped first. A shard that is slower than the capture rate never builds a queue behind it:
 once the backlog is full each new capture pushes out the oldest waiting one, which is counted
 (``dropped_captures`` in the device's stats). Memory stays flat, what goes out is always the
 newest, and a short stall (the scheduler, a GC pause, a busy board) is absorbed without loss.
