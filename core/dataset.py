@@ -132,9 +132,8 @@ def make_dataset(sensors: dict[str, np.ndarray], y: np.ndarray, *,
     return Dataset(sensors=checked, y=y.astype(np.int64), split=split, classes=tuple(classes), name=name)
 
 
-def load_npz(path: str | Path) -> Dataset:
-    """Read a dataset in the documented ``.npz`` format."""
-    path = Path(path)
+def _open_npz(path: Path):
+    """The archive at ``path``, opened lazily (arrays are read when asked for), or a DataError."""
     source = str(path)
     if not path.is_file():
         raise DataError(source, "no such file")
@@ -142,7 +141,16 @@ def load_npz(path: str | Path) -> Dataset:
         archive = np.load(path, allow_pickle=False)
     except Exception as exc:
         raise DataError(source, f"not a readable .npz file ({exc})") from exc
-    with archive:
+    if not hasattr(archive, "files"):
+        raise DataError(source, "a single array, not a .npz archive of x_<sensor>, y, split")
+    return archive
+
+
+def load_npz(path: str | Path) -> Dataset:
+    """Read a dataset in the documented ``.npz`` format."""
+    path = Path(path)
+    source = str(path)
+    with _open_npz(path) as archive:
         names = list(archive.files)
         unknown = [k for k in names if not k.startswith("x_") and k not in ("y", "split", "classes")]
         if unknown:
@@ -195,15 +203,7 @@ def load_sensor(path: str | Path, sensor: str, split: str = "test") -> np.ndarra
     an archive's arrays one by one, when asked for, so a device never holds its peers' data."""
     path = Path(path)
     source, key = str(path), f"x_{sensor}"
-    if not path.is_file():
-        raise DataError(source, "no such file")
-    try:
-        archive = np.load(path, allow_pickle=False)
-    except Exception as exc:
-        raise DataError(source, f"not a readable .npz file ({exc})") from exc
-    if not hasattr(archive, "files"):
-        raise DataError(source, "a single array, not a .npz archive of x_<sensor>, y, split")
-    with archive:
+    with _open_npz(path) as archive:
         names = list(archive.files)
         if key not in names:
             have = [k[2:] for k in names if k.startswith("x_")]
