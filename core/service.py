@@ -117,7 +117,7 @@ class Service:
             elif isinstance(action, Forward):
                 self.send("forward", self.topics.forward(action.cell), action.payload, [action.event])
             elif isinstance(action, Send):
-                self.send(action.kind, self.topics.device(action.cell, action.device, action.kind), action.payload,
+                self.send(action.kind, self.topics.topic(action.kind, cell=action.cell, device=action.device), action.payload,
                           action.events)
             elif isinstance(action, Refuse):
                 self.refuse(action.error)

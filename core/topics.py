@@ -87,50 +87,48 @@ class Topics:
         return f"{PREFIX}/{self.fleet}"
 
     def topic(self, kind: str, **names: str) -> str:
-        """The topic of ``kind`` in :data:`TOPICS` with its placeholders filled."""
+        """The topic of ``kind`` in :data:`TOPICS` with its placeholders filled: every builder
+        below goes through here, so the table is the one place a topic is spelt."""
         return f"{self.root}/{TOPICS[kind].pattern.format(**names)}"
 
-    def device(self, cell: str, device: str, leaf: str) -> str:
-        return f"{self.root}/cell/{cell}/device/{device}/{leaf}"
-
     def device_status(self, cell: str, device: str) -> str:
-        return self.device(cell, device, "status")
+        return self.topic("device_status", cell=cell, device=device)
 
     def scores(self, cell: str, device: str) -> str:
-        return self.device(cell, device, "scores")
+        return self.topic("scores", cell=cell, device=device)
 
     def feature(self, cell: str, device: str) -> str:
-        return self.device(cell, device, "feature")
+        return self.topic("feature", cell=cell, device=device)
 
     def raw(self, cell: str, device: str) -> str:
-        return self.device(cell, device, "raw")
+        return self.topic("raw", cell=cell, device=device)
 
     def request(self, cell: str) -> str:
-        return f"{self.root}/cell/{cell}/request"
+        return self.topic("request", cell=cell)
 
     def forward(self, cell: str) -> str:
-        return f"{self.root}/cell/{cell}/forward"
+        return self.topic("forward", cell=cell)
 
     def result(self, cell: str) -> str:
-        return f"{self.root}/cell/{cell}/result"
+        return self.topic("result", cell=cell)
 
     def gateway_status(self, cell: str, gateway: str) -> str:
-        return f"{self.root}/cell/{cell}/gateway/{gateway}/status"
+        return self.topic("gateway_status", cell=cell, gateway=gateway)
 
     def gateway_stats(self, cell: str, gateway: str) -> str:
-        return f"{self.root}/cell/{cell}/gateway/{gateway}/stats"
+        return self.topic("gateway_stats", cell=cell, gateway=gateway)
 
     def device_stats(self, cell: str, device: str) -> str:
-        return self.device(cell, device, "stats")
+        return self.topic("device_stats", cell=cell, device=device)
 
     def cloud_status(self, worker: str) -> str:
-        return f"{self.root}/cloud/{worker}/status"
+        return self.topic("cloud_status", worker=worker)
 
     def cloud_stats(self, worker: str) -> str:
-        return f"{self.root}/cloud/{worker}/stats"
+        return self.topic("cloud_stats", worker=worker)
 
     def cmd(self, cell: str, setting: str) -> str:
-        return f"{self.root}/cell/{cell}/cmd/{setting}"
+        return self.topic("cmd", cell=cell, setting=setting)
 
     def rollout(self, cell: str) -> str:
         return self.topic("rollout", cell=cell)
@@ -143,7 +141,7 @@ class Topics:
 
     @property
     def error(self) -> str:
-        return f"{self.root}/error"
+        return self.topic("error")
 
     def shared(self, group: str, topic: str) -> str:
         """A shared subscription: the broker hands each message to one member of ``group``."""

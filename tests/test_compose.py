@@ -1035,6 +1035,18 @@ def _refusals(caplog, level: int) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.name == "fogsplit.core.mqtt" and r.levelno == level]
 
 
+def _cam0_service(central, keys, t: Topics, account: str, client_id: str, tmp_path: Path):
+    """A bare service of cam0 in cell0 logged in as ``account``, with its presence and a heartbeat."""
+    transport = MqttTransport(f"mqtt://127.0.0.1:{central.ports[1883]}", client_id, username=account,
+                              password=keys.passwords[account])
+    service = Service(transport, t, "cell0/cam0")
+    service.presence("device_status", t.device_status(CELL, "cam0"), lambda: status_payload("online"),
+                     status_payload("offline"))
+    beat = tmp_path / "health"
+    service.heartbeat(str(beat), 0.05)
+    return transport, service, beat
+
+
 def test_a_device_started_under_the_wrong_account_says_so(central, keys, connect, caplog, tmp_path):
     """cam0 of cell1 started as cam0 of cell0: the broker refuses its status (MQTT 5 PUBACK 0x87);
     the device logs one ERROR naming the account and the topic, counts the refusal, withholds its
@@ -1042,13 +1054,7 @@ def test_a_device_started_under_the_wrong_account_says_so(central, keys, connect
     t = Topics("muted")
     account = acct(t, "cam0", "cell1")
     watcher = connect(acct(t, "operator")).subscribe("fogsplit/#")
-    transport = MqttTransport(f"mqtt://127.0.0.1:{central.ports[1883]}", "muted-cam0", username=account,
-                              password=keys.passwords[account])
-    service = Service(transport, t, "cell0/cam0")
-    service.presence("device_status", t.device_status(CELL, "cam0"), lambda: status_payload("online"),
-                     status_payload("offline"))
-    beat = tmp_path / "health"
-    service.heartbeat(str(beat), 0.05)
+    transport, service, beat = _cam0_service(central, keys, t, account, "muted-cam0", tmp_path)
     caplog.set_level(logging.INFO, logger="fogsplit.core.mqtt")
     try:
         transport.connect(timeout=5)
@@ -1078,13 +1084,7 @@ def test_each_refused_topic_is_logged_once_and_counted_by_kind(central, keys, co
     refusal counted by kind, nothing muted, and a fresh heartbeat says healthy."""
     t = Topics("heard")
     account = acct(t, "cam0")
-    transport = MqttTransport(f"mqtt://127.0.0.1:{central.ports[1883]}", "heard-cam0", username=account,
-                              password=keys.passwords[account])
-    service = Service(transport, t, "cell0/cam0")
-    service.presence("device_status", t.device_status(CELL, "cam0"), lambda: status_payload("online"),
-                     status_payload("offline"))
-    beat = tmp_path / "health"
-    service.heartbeat(str(beat), 0.05)
+    transport, service, beat = _cam0_service(central, keys, t, account, "heard-cam0", tmp_path)
     caplog.set_level(logging.INFO, logger="fogsplit.core.mqtt")
     try:
         transport.connect(timeout=5)
