@@ -44,6 +44,11 @@ class WireMeter:
             for e in events:
                 self.by_event[e] += nbytes / len(events)
 
+    def total(self) -> int:
+        """Every byte charged so far, without copying the per-event tally (stats read this)."""
+        with self._lock:
+            return sum(self.by_leaf.values())
+
     def snapshot(self) -> tuple[dict[int, float], dict[str, int]]:
         with self._lock:
             return dict(self.by_event), dict(self.by_leaf)

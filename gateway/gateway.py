@@ -154,7 +154,7 @@ class Gateway(Service):
         stats = self.logic.snapshot()
         stats.refused = self.refused
         stats.inbox_dropped = self.inbox_dropped
-        stats.bytes_out = sum(self.transport.meter.snapshot()[1].values())
+        stats.bytes_out = self.transport.meter.total()
         stats.bytes_per_event = ratio(stats.bytes_out, stats.events)
         stats.transport = self.transport.stats()
         return stats
