@@ -41,7 +41,7 @@ from fogsplit.device.sources import ReplaySource
 
 log = logging.getLogger(__name__)
 
-BENCHES = ("comm", "prune", "cache", "broker", "device")
+BENCHES = ("comm", "prune", "cache", "broker", "device", "eddl", "data", "recipe")
 FORMATS = ("toml", "json")
 ONCE_S = 6.0   # long enough for a stats round of a gateway at its default period (5 s)
 
@@ -175,8 +175,15 @@ def build_parser() -> argparse.ArgumentParser:
     bind("out", "--out", help="bundle directory")
     bind("sign_key", "--sign-key", metavar="PATH")
     bind("events", "--events", int)
-    bind("export.epochs", "--epochs", int)
+    budget = bind.group()
+    bind("export.epochs", "--epochs", int, group=budget)
+    bind("export.steps", "--steps", int, group=budget)
     bind("export.seed", "--seed", int)
+    bind("export.augment", "--no-augment", on=False, help="train on the data as it is, without augmentation")
+    bind("export.flips", "--flips", on=True)
+    bind("export.early_stop", "--no-early-stop", on=False, help="keep the last training step, not the best on validation")
+    bind("export.fusion_weights", "--no-fusion-weights", on=False,
+         help="fuse the device exits as trained (--local-fusion), without weights learnt on validation")
     bind("export.feature_channels", "--feature-channels", int)
     bind("export.edge_fusion", "--edge-fusion")
     bind("export.local_fusion", "--local-fusion")
@@ -185,6 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     bind("export.feature_bytes", "--feature-bytes", int)
     bind("export.max_accuracy_drop", "--max-accuracy-drop", float)
     _prune_flags(bind)
+    bind("export.fog_nodes", "--fog-nodes", int)
+    bind("export.fog_design", "--design")
     bind("export.progress", "--no-progress", on=False, help="no progress bars")
 
     p, bind = _role(sub, "device", "run a device agent: sensor -> device shard -> MQTT")
@@ -214,6 +223,15 @@ def build_parser() -> argparse.ArgumentParser:
     bind("gateway.edge_threshold", "--edge-threshold", float)
     bind("gateway.threads", "--threads", int)
     _cache_flags(bind, "gateway")
+
+    p, bind = _role(sub, "fog", "run one fog node: its share of the edge part, for bundles exported with "
+                    "--fog-nodes (docs/eddl.md)")
+    bind("bundle", "--bundle")
+    _trust_flags(bind)
+    _broker_flags(bind)
+    bind("cell", "--cell", name)
+    bind("node", "--node", int)
+    bind("fog.threads", "--threads", int)
 
     p, bind = _role(sub, "cloud", "run a cloud worker (shares the forward topics with other workers)")
     bind("bundle", "--bundle")
@@ -355,6 +373,9 @@ def cmd_export(args) -> int:
     data = load_data(config.data, seed=config.export.seed, events=config.events)
     report = export_bundle(data, Path(config.out), config.export)
     m = report.manifest
+    if config.export.fog_nodes:
+        from fogsplit.export.eddl import add_fog
+        m = add_fog(data, Path(config.out), config.export)
     print(f"bundle {m.model_id} in {report.path}")
     if signer is not None:
         print(f"  signed by key {signer.public_key.id}: {sign_bundle(Path(config.out), signer)}")
@@ -366,6 +387,12 @@ def cmd_export(args) -> int:
               f"params -{100 * c['params_cut']:.1f}% ("
               + ", ".join(f"{n} -{100 * v['flops_cut']:.1f}%" for n, v in c["shards"].items()) + " FLOPs)")
     print(f"  thresholds {m.thresholds}; test metrics {json.dumps(m.metrics['test_exit_accuracy'])}")
+    val = m.metrics["validation_exit_accuracy"]
+    print(f"  validation accuracy: devices {json.dumps(val['device'])}; local {val['local']}, edge {val['edge']}, "
+          f"cloud {val['cloud']}" + (f"; fusion weights {json.dumps(m.fusion_weights)}" if m.fusion_weights else ""))
+    if "fusion_below_best_device" in m.metrics:
+        print(f"  WARNING: fused exits below the best single device on validation: "
+              f"{json.dumps(m.metrics['fusion_below_best_device'])}")
     return 0
 
 
@@ -444,6 +471,20 @@ def cmd_gateway(args) -> int:
     gateway = Gateway(transport, topics, bundle, cell=config.cell, gateway=config.name, settings=config.gateway,
                       **rollout_command.rollout_kwargs(config, trust))
     return _serve(transport, gateway, health=config.health)
+
+
+def cmd_fog(args) -> int:
+    config = load(args).config
+    from fogsplit.fog.node import FogNode, node_name
+    node = node_name(config.node)
+    probe = load_bundle(config.bundle, shards=[], **_trust(config))
+    if probe.manifest.fog is None:
+        raise ValueError(f"bundle {config.bundle} has no fog nodes: export it with --fog-nodes N")
+    bundle = load_bundle(config.bundle, shards=[probe.manifest.fog.node(node).shard], **_trust(config))
+    _log_bundle(config, bundle)
+    transport = _transport(config.broker, f"{config.fleet}-{config.cell}-{node}")
+    service = FogNode(transport, Topics(config.fleet), bundle, cell=config.cell, node=node, settings=config.fog)
+    return _serve(transport, service, health=config.health)
 
 
 def cmd_cloud(args) -> int:
@@ -543,7 +584,7 @@ COMMANDS = {"demo": cmd_demo, "bench": cmd_bench, "data": cmd_data, "export": cm
             "gateway": cmd_gateway, "cloud": cmd_cloud, "broker": cmd_broker, "watch": cmd_watch,
             "config": cmd_config, "keys": cmd_keys, "sign": cmd_sign, "acl": acl_command.run,
             "health": health_command.run, "pack": pack.run,
-            "rollout": cmd_rollout}
+            "rollout": cmd_rollout, "fog": cmd_fog}
 
 
 if __name__ == "__main__":

@@ -141,8 +141,10 @@ def encode_tensor(x: np.ndarray, spec: CodecSpec) -> bytes:
     return zlib.compress(payload, 6) if spec.lossless == "zlib" else payload
 
 
-def decode_tensor(payload: bytes, shape: tuple[int, ...], spec: CodecSpec) -> np.ndarray:
-    """Decode and check a payload; raises :class:`FrameError` when it cannot be the tensor."""
+def decode_tensor(payload: bytes, shape: tuple[int, ...], spec: CodecSpec, *,
+                  allow_nan: bool = False) -> np.ndarray:
+    """Decode and check a payload; raises :class:`FrameError` when it cannot be the tensor.
+    Infinite values are always refused; NaN only without ``allow_nan``."""
     if spec.lossless == "zlib":
         try:
             inflater = zlib.decompressobj()
@@ -157,8 +159,8 @@ def decode_tensor(payload: bytes, shape: tuple[int, ...], spec: CodecSpec) -> np
         raise FrameError("payload", f"{spec.name} payload of {len(payload)} bytes does not fit "
                                     f"shape {list(shape)} (expected {expected})")
     x = CODECS[spec.name].decode(payload, shape, spec)
-    if not np.isfinite(x).all():
-        raise FrameError("finite", "tensor holds NaN or infinite values")
+    if not (np.isfinite(x) | (allow_nan & np.isnan(x))).all():
+        raise FrameError("finite", "tensor holds infinite values" if allow_nan else "tensor holds NaN or infinite values")
     return x
 
 

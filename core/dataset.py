@@ -2,8 +2,12 @@
 
 On-disk format (one ``.npz``):
 
-- ``x_<sensor>``: one array per sensor, ``[N, C, H, W]`` (image) or ``[N, C, T]`` (time series);
-  every sensor of a file has the same kind and shape, so that their features can be fused.
+- ``x_<sensor>``: one array per sensor, ``[N, C, H, W]`` (image) or ``[N, C, T]`` (time series).
+  Every sensor of a file has the same kind (all series or all images); their channel counts and
+  sizes may differ (an accelerometer at 50 Hz beside a microphone at 8 kHz): the export plans
+  each device shard so that the features meet on one grid. Sizes start at ``MIN_SIZE`` (4).
+  Float arrays may hold NaN: a missing value, or, after the last value of a series, the end of a
+  shorter series (variable length). Infinite values are refused.
 - ``y``: ``[N]`` integer labels in ``0..num_classes-1``.
 - ``split`` (optional): ``[N]``, 0 for train and 1 for test; otherwise a seeded 80/20 split.
 - ``classes`` (optional): ``[num_classes]`` strings; otherwise ``class0``, ``class1``, ...
@@ -18,6 +22,7 @@ import numpy as np
 from fogsplit.core.errors import DataError
 
 MAX_SENSORS = 64
+MIN_SIZE = 4   # the shortest series, the smallest image side: the device shard downsamples by 4
 SPLIT_SEED = 0
 
 
@@ -41,8 +46,17 @@ class Dataset:
         return "image" if next(iter(self.sensors.values())).ndim == 4 else "series"
 
     @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """The sample shape ``[C, ...]`` of each sensor."""
+        return {k: tuple(int(d) for d in v.shape[1:]) for k, v in self.sensors.items()}
+
+    @property
     def sample_shape(self) -> tuple[int, ...]:
-        return tuple(next(iter(self.sensors.values())).shape[1:])
+        """The one sample shape all sensors share; a ValueError when they differ."""
+        shapes = set(self.shapes.values())
+        if len(shapes) > 1:
+            raise ValueError(f"the sensors of {self.name} have different shapes {self.shapes}")
+        return shapes.pop()
 
     @property
     def num_classes(self) -> int:
@@ -66,9 +80,14 @@ class Dataset:
     def test(self) -> "Dataset":
         return self.subset(self.split == 1, f"{self.name}:test")
 
+    def arrays(self) -> list[np.ndarray]:
+        """Each sensor's samples ``[N, C, ...]``, in sensor order."""
+        return [self.sensors[k] for k in self.sensors]
+
     def stacked(self) -> np.ndarray:
-        """All sensors as one array ``[N, K, ...]`` in sensor order."""
-        return np.stack([self.sensors[k] for k in self.sensors], axis=1)
+        """All sensors as one array ``[N, K, ...]`` in sensor order (they must share one shape)."""
+        self.sample_shape  # noqa: B018 - names the sensors when their shapes differ
+        return np.stack(self.arrays(), axis=1)
 
 
 def make_dataset(sensors: dict[str, np.ndarray], y: np.ndarray, *,
@@ -89,26 +108,21 @@ def make_dataset(sensors: dict[str, np.ndarray], y: np.ndarray, *,
         raise DataError(source, f"array 'y' has {n} samples; at least 2 are needed")
     if y.min() < 0:
         raise DataError(source, f"array 'y' has negative label {int(y.min())}")
-    shape = None
+    first: tuple[str, int] | None = None
     checked: dict[str, np.ndarray] = {}
     for key, arr in sensors.items():
         arr = np.asarray(arr)
         label = f"x_{key}"
         if not key or not key.replace("_", "").replace("-", "").isalnum() or len(key) > 32:
             raise DataError(source, f"sensor name {key!r} must be 1-32 letters, digits, '-' or '_'")
-        if arr.ndim not in (3, 4):
-            raise DataError(source, f"array '{label}' must be [N, C, T] or [N, C, H, W], got {list(arr.shape)}")
+        _check_samples(arr, label, source)
         if arr.shape[0] != n:
             raise DataError(source, f"array '{label}' has {arr.shape[0]} samples but 'y' has {n}")
-        if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
-            raise DataError(source, f"array '{label}' must be numeric, got dtype {arr.dtype}")
-        if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
-            raise DataError(source, f"array '{label}' contains NaN or infinite values")
-        if shape is None:
-            shape = arr.shape[1:]
-        elif arr.shape[1:] != shape:
-            raise DataError(source, f"array '{label}' has sample shape {list(arr.shape[1:])}, "
-                                    f"others have {list(shape)}; all sensors must share one shape")
+        if first is None:
+            first = (label, arr.ndim)
+        elif arr.ndim != first[1]:
+            raise DataError(source, f"array '{label}' is {_KIND[arr.ndim]} {list(arr.shape)} but '{first[0]}' is "
+                                    f"{_KIND[first[1]]}: all sensors of a file must be of one kind")
         checked[key] = arr
     if classes is None:
         classes = [f"class{i}" for i in range(int(y.max()) + 1)]
@@ -130,6 +144,32 @@ def make_dataset(sensors: dict[str, np.ndarray], y: np.ndarray, *,
     if not (split == 0).any() or not (split == 1).any():
         raise DataError(source, "the split leaves no train or no test samples")
     return Dataset(sensors=checked, y=y.astype(np.int64), split=split, classes=tuple(classes), name=name)
+
+
+_KIND = {3: "a series", 4: "an image"}
+
+
+def _check_samples(arr: np.ndarray, label: str, source: str) -> None:
+    """One sensor's samples: ``[N, C, T]`` or ``[N, C, H, W]``, numeric, sizes >= MIN_SIZE, NaN
+    allowed (missing, or past the end of a shorter series), infinities refused."""
+    if arr.ndim not in (3, 4):
+        raise DataError(source, f"array '{label}' must be [N, C, T] or [N, C, H, W], got {list(arr.shape)}")
+    if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
+        raise DataError(source, f"array '{label}' must be numeric, got dtype {arr.dtype}")
+    if arr.shape[1] < 1:
+        raise DataError(source, f"array '{label}' has no channels: {list(arr.shape)}")
+    small = [d for d in arr.shape[2:] if d < MIN_SIZE]
+    if small:
+        what = "a series length" if arr.ndim == 3 else "an image side"
+        raise DataError(source, f"array '{label}' has {what} of {small[0]} in {list(arr.shape)}; "
+                                f"the shortest supported is {MIN_SIZE}")
+    if np.issubdtype(arr.dtype, np.floating):
+        if np.isinf(arr).any():
+            raise DataError(source, f"array '{label}' contains infinite values")
+        empty = np.isnan(arr).reshape(arr.shape[0], -1).all(axis=1)
+        if empty.any():
+            raise DataError(source, f"array '{label}' sample {int(np.flatnonzero(empty)[0])} is all NaN: "
+                                    "no value was captured")
 
 
 def _open_npz(path: Path):
@@ -215,12 +255,7 @@ def load_sensor(path: str | Path, sensor: str, split: str = "test") -> np.ndarra
             count = samples.shape[0] if marks is not None or "y" not in names else archive["y"].shape[0]
         except ValueError as exc:
             raise DataError(source, f"an array could not be read ({exc})") from exc
-    if samples.ndim not in (3, 4):
-        raise DataError(source, f"array '{key}' must be [N, C, T] or [N, C, H, W], got {list(samples.shape)}")
-    if not (np.issubdtype(samples.dtype, np.floating) or np.issubdtype(samples.dtype, np.integer)):
-        raise DataError(source, f"array '{key}' must be numeric, got dtype {samples.dtype}")
-    if np.issubdtype(samples.dtype, np.floating) and not np.isfinite(samples).all():
-        raise DataError(source, f"array '{key}' contains NaN or infinite values")
+    _check_samples(samples, key, source)
     if split == "all":
         chosen = samples
     else:

@@ -52,11 +52,12 @@ SLOT_BITS = 16
 SLOT_MOD = 1 << SLOT_BITS
 
 SCORES, FEATURE, REQUEST, FORWARD, RAW, GONE = "s", "f", "q", "w", "r", "g"
+FOG_SLICE, FOG_ANSWER = "l", "a"     # gateway -> fog node, fog node -> gateway (docs/eddl.md)
 KINDS = {SCORES: "scores", FEATURE: "feature", REQUEST: "request", FORWARD: "forward",
-         RAW: "raw", GONE: "gone"}
+         RAW: "raw", GONE: "gone", FOG_SLICE: "fog slice", FOG_ANSWER: "fog answer"}
 TENSOR_KINDS = (SCORES, FEATURE, FORWARD, RAW)
 LEAF_KINDS = {"scores": (SCORES,), "feature": (FEATURE, GONE), "raw": (RAW,), "request": (REQUEST,),
-              "forward": (FORWARD,)}
+              "forward": (FORWARD,), "slice": (FOG_SLICE,), "answer": (FOG_ANSWER,)}
 
 
 def frame_tag(model_id: str) -> int:
@@ -110,6 +111,7 @@ class Expect:
     sensors: tuple[str, ...] = ()
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     codecs: dict[str, CodecSpec] = field(default_factory=dict)
+    raw: dict[str, tuple[tuple[int, ...], CodecSpec]] = field(default_factory=dict)   # per sensor: its own shape
 
     @property
     def tag(self) -> int:
@@ -155,6 +157,18 @@ def encode_forward_frame(*, model: str, event: int, captured: float, devices: tu
                   encode_tensor(tensor, codec)])
 
 
+def encode_fog_frame(kind: str, *, model: str, event: int, tensor: np.ndarray, codec: CodecSpec,
+                     logits: np.ndarray | None = None) -> bytes:
+    """A fog slice ``[tag, event, slice]`` (gateway -> node), or a node's answer
+    ``[tag, event, logits (fp32), feature]``. The full event id: a node keeps no roster."""
+    if kind == FOG_SLICE:
+        return _pack([frame_tag(model), int(event), encode_tensor(tensor, codec)])
+    if kind != FOG_ANSWER or logits is None:
+        raise ValueError("a fog frame is a slice, or an answer with its logits")
+    return _pack([frame_tag(model), int(event), encode_tensor(np.asarray(logits, np.float32), CodecSpec("fp32")),
+                  encode_tensor(tensor, codec)])
+
+
 def decode_frame(payload: bytes, leaf: str, expect: Expect, *, topic: str | None = None,
                  device: str | None = None) -> Frame:
     """Decode and validate one frame that arrived on a topic ending in ``leaf``; raises
@@ -171,12 +185,12 @@ def decode_frame(payload: bytes, leaf: str, expect: Expect, *, topic: str | None
                          device=device, topic=topic) from exc
     event = body[1] if isinstance(body, list) and len(body) > 1 and _is_event_id(body[1]) else None
     try:
-        return _check(body, leaf, expect)
+        return _check(body, leaf, expect, device)
     except FrameError as exc:
         raise FrameError(exc.rule, exc.detail, device=device, event=event, topic=topic) from None
 
 
-def _check(body: object, leaf: str, expect: Expect) -> Frame:
+def _check(body: object, leaf: str, expect: Expect, device: str | None = None) -> Frame:
     if leaf not in LEAF_KINDS:
         raise FrameError("kind", f"no frame belongs on a {leaf!r} topic")
     if not isinstance(body, list) or not body:
@@ -189,6 +203,14 @@ def _check(body: object, leaf: str, expect: Expect) -> Frame:
     if GONE in kinds and len(body) == 2 and isinstance(body[1], list):
         return Frame(kind=GONE, events=_check_slots(body[1], "gone"))
     kind = kinds[0]
+    if kind in (FOG_SLICE, FOG_ANSWER):
+        _need_len(body, (3,) if kind == FOG_SLICE else (4,), kind)
+        if not _is_event_id(body[1]):
+            raise FrameError("event", f"event id {body[1]!r} is not a non-negative integer")
+        if kind == FOG_SLICE:
+            return Frame(kind=kind, event=body[1], tensor=_check_tensor(body[2], FOG_SLICE, expect))
+        return Frame(kind=kind, event=body[1], tensor=_check_tensor(body[2], SCORES, expect),
+                     feature=_check_tensor(body[3], FOG_ANSWER, expect))
     if kind == REQUEST:
         _need_len(body, (3,), kind)
         return Frame(kind=REQUEST, events=_check_slots(body[1], "request"),
@@ -206,7 +228,7 @@ def _check(body: object, leaf: str, expect: Expect) -> Frame:
     slot = body[1]
     if not isinstance(slot, int) or isinstance(slot, bool) or not 0 <= slot < SLOT_MOD:
         raise FrameError("event", f"event slot {slot!r} is not an integer in 0..{SLOT_MOD - 1}")
-    tensor = _check_tensor(body[2], kind, expect)
+    tensor = _check_raw(body[2], device, expect) if kind == RAW else _check_tensor(body[2], kind, expect)
     extra = body[3:]
     vote = _check_vote(extra.pop(), expect) if extra and not isinstance(extra[-1], bytes) else None
     if len(extra) > 1:
@@ -248,6 +270,17 @@ def _check_tensor(payload: object, kind: str, expect: Expect) -> np.ndarray:
     if spec is None or shape is None:
         raise FrameError("kind", f"this tier takes no {KINDS[kind]} frames")
     return decode_tensor(payload, tuple(shape), spec)
+
+
+def _check_raw(payload: object, device: str | None, expect: Expect) -> np.ndarray:
+    """A raw sample: in its sensor's own shape and codec; NaN allowed (a missing value, or the
+    end of a shorter series), as the sensor produced it."""
+    if device not in expect.raw:
+        return _check_tensor(payload, RAW, expect)
+    if not isinstance(payload, bytes):
+        raise FrameError("payload", f"the {KINDS[RAW]} payload is missing or not bytes")
+    shape, spec = expect.raw[device]
+    return decode_tensor(payload, tuple(shape), spec, allow_nan=True)
 
 
 def _is_event_id(value: object) -> bool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Annotated, Literal, Sequence
@@ -18,14 +19,16 @@ import numpy as np
 
 from fogsplit.core.codecs import CodecSpec, payload_bytes
 from fogsplit.core.errors import BundleError
-from fogsplit.core.frames import FEATURE, FORWARD, RAW, SCORES, Expect
+from fogsplit.core.frames import FEATURE, FOG_ANSWER, FOG_SLICE, FORWARD, RAW, SCORES, Expect
 from fogsplit.core.signing import SIGNATURE, PublicKey, verify_manifest
 from fogsplit.core.validation import load
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 TIERS = ("device", "gateway", "cloud")
+FOG_TIER = "fog"          # optional: the edge part split over fog nodes (Manifest.fog, docs/eddl.md)
 FUSIONS = ("max", "mean", "concat")
+LOCAL_FUSIONS = ("max", "mean", "weighted")
 Cut = Annotated[float, msgspec.Meta(ge=0, lt=1, description="a fraction in [0, 1)")]
 Distance = Annotated[float, msgspec.Meta(ge=0, le=2, description="an L2 distance between unit vectors")]
 
@@ -97,6 +100,36 @@ class CompressionReport(msgspec.Struct, frozen=True, forbid_unknown_fields=True)
     shards: dict[str, ShardCompression]
 
 
+@dataclass(frozen=True)
+class FogNodeSpec:
+    """One fog node of the edge part (docs/eddl.md): its shard, the fused-feature channels it
+    takes (its slice), the edge-feature channels it fills, the design's blocks it holds."""
+
+    name: str
+    shard: str
+    channels: tuple[int, ...]
+    features: tuple[int, ...]
+    blocks: tuple[tuple[int, ...], ...] = ()
+
+
+@dataclass(frozen=True)
+class FogSpec:
+    """The edge part split over fog nodes (EDDL); absent: the gateway runs its own shard."""
+
+    design: str
+    nodes: tuple[FogNodeSpec, ...]
+    slice_codec: CodecSpec     # gateway -> node: the slice of the fused feature
+    answer_codec: CodecSpec    # node -> gateway: its part of the edge feature
+    dense_flops: int = 0       # the dense edge part of the same widths, for comparison
+    dense_params: int = 0
+
+    def node(self, name: str) -> FogNodeSpec:
+        for n in self.nodes:
+            if n.name == name:
+                return n
+        raise BundleError(f"fog node {name!r} is not in this bundle (it has {[n.name for n in self.nodes]})")
+
+
 COMPRESSION_KEYS = tuple(CompressionReport.__struct_fields__)
 SHARD_COMPRESSION_KEYS = tuple(ShardCompression.__struct_fields__)
 
@@ -116,6 +149,8 @@ class Manifest:
     compression: dict = field(default_factory=dict)   # empty, or what pruning cut (a CompressionReport)
     schema: int = SCHEMA_VERSION
     cache: CacheSpec | None = None
+    fog: FogSpec | None = None   # the edge part split over fog nodes (docs/eddl.md)
+    fusion_weights: dict[str, float] = field(default_factory=dict)   # local_fusion "weighted": per sensor
 
     @property
     def num_classes(self) -> int:
@@ -162,6 +197,13 @@ class Manifest:
         out["codecs"] = {k: v.to_dict() for k, v in self.codecs.items()}
         if self.cache is None:
             out.pop("cache")
+        if self.fog is None:
+            out.pop("fog")   # so that the ids of bundles without fog nodes stay the same
+        else:
+            out["fog"]["slice_codec"] = self.fog.slice_codec.to_dict()
+            out["fog"]["answer_codec"] = self.fog.answer_codec.to_dict()
+        if not self.fusion_weights:
+            out.pop("fusion_weights")   # so that the ids of bundles written before it stay the same
         return out
 
 
@@ -214,15 +256,16 @@ def _check_consistency(m: Manifest, source: str) -> None:
         if not any(s.tier == tier for s in m.shards):
             raise BundleError(f"{source}: no {tier} shard")
     for s in m.shards:
-        if s.tier not in TIERS:
+        if s.tier not in TIERS and s.tier != FOG_TIER:
             raise BundleError(f"{source}: shard {s.name!r} has unknown tier {s.tier!r}")
         if Path(s.file).name != s.file:
             raise BundleError(f"{source}: shard file {s.file!r} must be a plain file name")
     for sensor in m.sensors:
         if not any(s.tier == "device" and s.sensor == sensor.name for s in m.shards):
             raise BundleError(f"{source}: sensor {sensor.name!r} has no device shard")
-    if m.local_fusion not in ("max", "mean") or m.edge_fusion not in FUSIONS:
+    if m.local_fusion not in LOCAL_FUSIONS or m.edge_fusion not in FUSIONS:
         raise BundleError(f"{source}: fusion {m.local_fusion!r}/{m.edge_fusion!r} is not supported")
+    _check_fusion_weights(m, source)
     for tier in ("local", "edge"):
         t = m.thresholds.get(tier)
         if not isinstance(t, (int, float)) or not 0.0 <= t <= 1.0:
@@ -231,8 +274,23 @@ def _check_consistency(m: Manifest, source: str) -> None:
         if stream not in m.codecs:
             raise BundleError(f"{source}: no codec for {stream!r}")
     _check_compression(m, source)
+    _check_fog(m, source)
     if compute_model_id(m) != m.model_id:
         raise BundleError(f"{source}: model id {m.model_id!r} does not match the manifest's content")
+
+
+def _check_fusion_weights(m: Manifest, source: str) -> None:
+    """``weighted`` local fusion names a finite weight >= 0 for every sensor, not all zero."""
+    if m.local_fusion != "weighted":
+        if m.fusion_weights:
+            raise BundleError(f"{source}: fusion_weights are given but local_fusion is {m.local_fusion!r}")
+        return
+    w = m.fusion_weights
+    if set(w) != set(m.sensor_names):
+        raise BundleError(f"{source}: fusion_weights must name every sensor {m.sensor_names}, got {sorted(w)}")
+    bad = {k: v for k, v in w.items() if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0}
+    if bad or not any(w.values()):
+        raise BundleError(f"{source}: fusion_weights must be finite numbers >= 0, not all 0; got {bad or w}")
 
 
 def _check_compression(m: Manifest, source: str) -> None:
@@ -240,6 +298,26 @@ def _check_compression(m: Manifest, source: str) -> None:
     shards = m.compression.get("shards", {})
     if m.compression and set(shards) != {s.name for s in m.shards}:
         raise BundleError(f"{source}: compression must describe every shard, got {sorted(shards)}")
+
+
+def _check_fog(m: Manifest, source: str) -> None:
+    """Every fog node has a fog shard; slices lie in the fused feature; the nodes' features
+    fill the edge feature exactly once."""
+    if m.fog is None:
+        if any(s.tier == FOG_TIER for s in m.shards):
+            raise BundleError(f"{source}: fog shards without a fog section")
+        return
+    fused = m.tier_shard("gateway").inputs["fused"][1]
+    edge = m.forward_shape[0]
+    filled: list[int] = []
+    for node in m.fog.nodes:
+        if not any(s.name == node.shard and s.tier == FOG_TIER for s in m.shards):
+            raise BundleError(f"{source}: fog node {node.name!r} names shard {node.shard!r}, which is no fog shard")
+        if not node.channels or any(not 0 <= c < fused for c in node.channels):
+            raise BundleError(f"{source}: fog node {node.name!r} takes channels outside the fused feature's {fused}")
+        filled += node.features
+    if not m.fog.nodes or sorted(filled) != list(range(edge)):
+        raise BundleError(f"{source}: the fog nodes' features must fill the edge feature's {edge} channels once")
 
 
 @dataclass(frozen=True)
@@ -326,4 +404,20 @@ def expect_frames(manifest: Manifest) -> Expect:
                 FORWARD: manifest.forward_shape, RAW: tuple(first.shape)},
         codecs={SCORES: manifest.codecs["scores"], FEATURE: manifest.codecs["feature"],
                 FORWARD: manifest.codecs["forward"], RAW: raw_codec(first)},
+        raw={s.name: (tuple(s.shape), raw_codec(s)) for s in manifest.sensors},
+    )
+
+
+def expect_fog(manifest: Manifest, node: str) -> Expect:
+    """What fog node ``node`` accepts (its slice), and what the gateway accepts from it (its answer)."""
+    fog = manifest.fog
+    if fog is None:
+        raise BundleError("this bundle has no fog section")
+    spec = fog.node(node)
+    fused = manifest.tier_shard("gateway").inputs["fused"]
+    return Expect(
+        model=manifest.model_id,
+        shapes={FOG_SLICE: (len(spec.channels), *fused[2:]),
+                FOG_ANSWER: tuple(manifest.shard(spec.shard).outputs["feature"][1:]), SCORES: (manifest.num_classes,)},
+        codecs={FOG_SLICE: fog.slice_codec, FOG_ANSWER: fog.answer_codec, SCORES: CodecSpec("fp32")},
     )

@@ -24,10 +24,13 @@ class Result:
     latency_ms: float
     model: str
     degraded: bool = False
+    nodes: list[str] | None = None   # the fog nodes whose answers made an edge exit (docs/eddl.md)
 
     def to_json(self) -> bytes:
         body = asdict(self)
         body["class"] = body.pop("cls")
+        if body["nodes"] is None:
+            body.pop("nodes")
         return json.dumps(body).encode()
 
     @classmethod
@@ -50,11 +53,12 @@ def parse_result(payload: bytes, topic: str | None = None) -> Result:
 
 
 def make_result(logits: np.ndarray, *, event: int, exit: str, classes: tuple[str, ...] | list[str],
-                devices: list[str], captured: float, model: str, now: float, degraded: bool = False) -> Result:
+                devices: list[str], captured: float, model: str, now: float, degraded: bool = False,
+                nodes: list[str] | None = None) -> Result:
     """The result of ``event`` answered at ``now`` (epoch seconds) from ``logits``."""
     p = softmax(np.asarray(logits, dtype=np.float64))
     label = int(np.argmax(p))
     return Result(event=event, label=label, cls=classes[label], confidence=round(float(p[label]), 4),
                   exit=exit, devices=list(devices), captured=captured,
                   latency_ms=round((now - captured) * 1000.0, 3), model=model,
-                  degraded=degraded)
+                  degraded=degraded, nodes=None if nodes is None else list(nodes))

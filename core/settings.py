@@ -19,7 +19,7 @@ from fogsplit.core.validation import Secret, Settings, SettingsError, load, sett
 
 __all__ = ["ANN_LIBRARIES", "FEATURE_CODECS", "PASSWORD_ENV", "ROLES", "STREAM_CODECS", "BrokerSettings",
            "CacheSettings", "CloudConfig", "CloudSettings", "DeviceCacheSettings", "DeviceConfig",
-           "DeviceSettings", "EmbeddedBrokerConfig", "ExportConfig", "ExportOptions", "GatewayConfig",
+           "DeviceSettings", "EmbeddedBrokerConfig", "ExportConfig", "ExportOptions", "FogConfig", "FogSettings", "GatewayConfig",
            "GatewaySettings", "HealthSettings", "RoleConfig", "RolloutSettings", "Secret", "Settings", "SettingsError", "WatchConfig"]
 
 AnnLibrary = Literal["hnswlib"]
@@ -97,6 +97,15 @@ class GatewaySettings(Settings, frozen=True):
                             "(docs/monitoring.md)") = True
     discovery_prefix: _field(str, "topic prefix Home Assistant reads discovery configs under",
                              pattern=r"^[A-Za-z0-9_-]{1,64}(/[A-Za-z0-9_-]{1,64}){0,3}$") = "homeassistant"
+    fog_deadline_ms: _field(float, "milliseconds to wait for the fog nodes' answers (bundles with fog "
+                                   "nodes, docs/eddl.md)", **_DEADLINE) = 200.0
+
+
+class FogSettings(Settings, frozen=True):
+    """One fog node: a share of the edge part (docs/eddl.md)."""
+
+    threads: _field(int, "onnxruntime threads of the node's shard", **_THREADS) = 1
+    inbox: _field(int, "messages queued for the node; when full a new one is dropped and counted", **_INBOX) = 1000
 
 
 class DeviceSettings(Settings, frozen=True):
@@ -195,10 +204,17 @@ class BrokerSettings(Settings, frozen=True):
 class ExportOptions(Settings, frozen=True):
     """How ``fogsplit export`` trains, prunes, calibrates and splits (export/pipeline.py)."""
 
-    epochs: _field(int, "training epochs", ge=1, le=1000) = 8
+    epochs: _field(int, "training epochs (default: a budget in steps fit to the data set's size)",
+                   ge=1, le=1000) | None = None
+    steps: _field(int, "training steps (default: 8 passes over the data, within 300..3000 steps)",
+                  ge=1, le=100_000) | None = None
+    augment: _field(bool, "augment the training data by sensor kind (docs/training.md)") = True
+    early_stop: _field(bool, "keep the best checkpoint on validation, not the last step") = True
+    flips: _field(bool, "let image augmentation mirror views (only if a mirrored view keeps its label)") = False
     seed: _field(int, "random seed", ge=0, le=2**32 - 1) = 0
     feature_channels: _field(int, "channels of the split layer (what devices send)", ge=1, le=512) = 4
-    local_fusion: _field(Literal["max", "mean"], "how the local exit fuses device scores") = "max"
+    local_fusion: _field(Literal["max", "mean"], "how the device exits are fused while training") = "max"
+    fusion_weights: _field(bool, "learn on validation how much the local exit trusts each device") = True
     edge_fusion: _field(Literal["max", "mean", "concat"], "how the gateway fuses device features") = "concat"
     scores_codec: _field(StreamCodec, "how device exit scores travel") = "int8"
     feature_codec: _field(FeatureCodec, "how device features travel "
@@ -215,10 +231,16 @@ class ExportOptions(Settings, frozen=True):
     target_flops: _field(float, "prune to cut this fraction of the FLOPs, e.g. 0.8", gt=0, lt=1) | None = None
     target_params: _field(float, "prune to cut this fraction of the parameters, e.g. 0.9",
                           gt=0, lt=1) | None = None
+    fog_nodes: _field(int, "split the edge part over this many fog nodes (docs/eddl.md); unset: none",
+                      ge=1, le=64) | None = None
+    fog_design: _field(Literal["affine:2", "affine:3", "affine:4", "fano"],
+                       "the block design of the fog nodes' grouped layer") = "affine:3"
 
     def check(self) -> None:
         if self.target_flops is not None and self.target_params is not None:
             raise SettingsError("give target_flops or target_params, not both: one rate is searched for")
+        if self.epochs is not None and self.steps is not None:
+            raise SettingsError("give epochs or steps, not both: they are two ways to set one budget")
 
     @property
     def prune_target(self) -> tuple[str, float] | None:
@@ -291,6 +313,20 @@ class GatewayConfig(RoleConfig, frozen=True):
     gateway: _field(GatewaySettings, "the gateway") = msgspec.field(default_factory=GatewaySettings)
 
 
+class FogConfig(RoleConfig, frozen=True):
+    role: ClassVar[str] = "fog"
+
+    bundle: _BUNDLE
+    node: _field(int, "which fog node of the bundle this is (0..N-1); its name is fog<node>", ge=0, le=63) = 0
+    fleet: _FLEET = "demo"
+    cell: _CELL = "cell0"
+    trusted_keys: _TRUSTED = msgspec.field(default_factory=list)
+    allow_unsigned: _UNSIGNED = False
+    broker: _BROKER = msgspec.field(default_factory=BrokerSettings)
+    health: _HEALTH = msgspec.field(default_factory=HealthSettings)
+    fog: _field(FogSettings, "the fog node") = msgspec.field(default_factory=FogSettings)
+
+
 class CloudConfig(RoleConfig, frozen=True):
     role: ClassVar[str] = "cloud"
 
@@ -354,4 +390,4 @@ class RolloutCommandConfig(RoleConfig, frozen=True):
 
 ROLES: dict[str, type[RoleConfig]] = {c.role: c for c in (
     DeviceConfig, GatewayConfig, CloudConfig, ExportConfig, EmbeddedBrokerConfig, WatchConfig,
-    RolloutCommandConfig)}
+    RolloutCommandConfig, FogConfig)}

@@ -59,6 +59,11 @@ TOPICS: dict[str, TopicKind] = {t.kind: t for t in (
     TopicKind("rollout_status", "model/cell/{cell}/status/{tier}/{name}", 1, True, "JSON", "every tier",
               "operators, the cell's tiers (a rollback is followed)"),
     TopicKind("error", "error", 1, False, "JSON", "any tier", "operators"),
+    # The edge part split over fog nodes (docs/eddl.md): data frames as above, QoS 0, a lost
+    # one handled by the gateway's fog deadline; the node's presence retained, its will offline.
+    TopicKind("fog_slice", "cell/{cell}/fog/{node}/slice", 0, False, "msgpack frame", "gateway", "that fog node"),
+    TopicKind("fog_answer", "cell/{cell}/fog/{node}/answer", 0, False, "msgpack frame", "fog node", "gateway"),
+    TopicKind("fog_status", "cell/{cell}/fog/{node}/status", 1, True, "JSON", "fog node", "gateway, operators"),
     # Home Assistant MQTT discovery: outside the fleet's root, under the discovery prefix
     # (a setting, "homeassistant" by default); retained so that Home Assistant finds it on start.
     TopicKind("discovery", "{prefix}/{component}/{node}/{object}/config", 1, True, "JSON", "gateway",
@@ -138,6 +143,15 @@ class Topics:
 
     def rollout_status(self, cell: str, tier: str, name: str) -> str:
         return self.topic("rollout_status", cell=cell, tier=tier, name=name)
+
+    def fog_slice(self, cell: str, node: str) -> str:
+        return self.topic("fog_slice", cell=cell, node=node)
+
+    def fog_answer(self, cell: str, node: str) -> str:
+        return self.topic("fog_answer", cell=cell, node=node)
+
+    def fog_status(self, cell: str, node: str) -> str:
+        return self.topic("fog_status", cell=cell, node=node)
 
     @property
     def error(self) -> str:

@@ -13,7 +13,8 @@ them in numpy with exactly the semantics of :func:`fuse_scores` and :func:`fuse_
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -33,30 +34,56 @@ CLOUD_CHANNELS = 16         # cloud conv channels per device (concat) ...
 CLOUD_CHANNELS_POOLED = 32  # ... or in all (max/mean fusion)
 
 
+MIN_SIZE = 4                           # the shortest series, the smallest image side
+MAX_FEATURE_GRID = {"series": 32, "image": 8}   # the feature's spatial size, at most, per axis
+
+
+def _down4(size: int) -> int:
+    """Size after the device trunk: a stride-2 conv, then a 2x max pooling (ceil mode)."""
+    return -(-(-(-size // 2)) // 2)
+
+
 @dataclass(frozen=True)
 class ModelSpec:
-    """Everything that fixes the architecture (and so the shapes of the exported shards)."""
+    """Everything that fixes the architecture (and so the shapes of the exported shards).
+
+    ``sample_shape`` is one shape ``(C, T)`` / ``(C, H, W)`` that all sensors share, or one per
+    sensor (their channels and sizes may differ; their kind may not). The device trunk divides
+    each size by 4 (rounding up); where the sensors' trunk outputs differ, or exceed
+    :data:`MAX_FEATURE_GRID`, a fixed averaging map inside the device shard brings every device
+    to one feature grid, the smallest of them (``feature_shape``): the pooling plan, decided
+    here at export and visible in the shards' shapes in the manifest.
+    """
 
     sensors: tuple[str, ...]
     kind: str
-    sample_shape: tuple[int, ...]
+    sample_shape: tuple
     num_classes: int
     feature_channels: int = 4
     local_fusion: str = "max"
     edge_fusion: str = "concat"
     binary_feature: bool = False   # the device sends sign(feature): DDNN's binarized trunk
+    shapes: tuple[tuple[int, ...], ...] = field(init=False)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
-        dims = 3 if self.kind == "image" else 2
-        if len(self.sample_shape) != dims:
-            raise ValueError(f"a {self.kind} sample is {dims}-dimensional, got {self.sample_shape}")
-        if any(s % 8 for s in self.sample_shape[1:]):
-            raise ValueError(f"spatial sizes must be multiples of 8 (three 2x poolings), "
-                             f"got {self.sample_shape[1:]}")
         if not self.sensors:
             raise ValueError("at least one sensor is needed")
+        per_sensor = bool(self.sample_shape) and isinstance(self.sample_shape[0], (tuple, list))
+        shapes = tuple(tuple(int(d) for d in s) for s in self.sample_shape) if per_sensor \
+            else (tuple(int(d) for d in self.sample_shape),) * len(self.sensors)
+        if len(shapes) != len(self.sensors):
+            raise ValueError(f"{len(shapes)} sample shapes for {len(self.sensors)} sensors")
+        dims = 3 if self.kind == "image" else 2
+        for name, shape in zip(self.sensors, shapes):
+            if len(shape) != dims:
+                raise ValueError(f"a {self.kind} sample is {dims}-dimensional ([C, ...]), "
+                                 f"sensor {name!r} has {shape}")
+            if shape[0] < 1 or any(d < MIN_SIZE for d in shape[1:]):
+                raise ValueError(f"sensor {name!r}: sample shape {shape} needs >= 1 channel and sizes "
+                                 f">= {MIN_SIZE}")
+        object.__setattr__(self, "shapes", shapes)
         if self.num_classes < 2 or self.feature_channels < 1:
             raise ValueError("num_classes must be >= 2 and feature_channels >= 1")
         if self.local_fusion not in SCORE_FUSIONS:
@@ -69,18 +96,28 @@ class ModelSpec:
     @classmethod
     def for_dataset(cls, ds: Dataset, **overrides) -> "ModelSpec":
         values = dict(sensors=tuple(ds.sensor_names), kind=ds.kind,
-                      sample_shape=tuple(ds.sample_shape), num_classes=ds.num_classes)
+                      sample_shape=tuple(ds.shapes.values()), num_classes=ds.num_classes)
         values.update(overrides)
         return cls(**values)
 
+    def shape_of(self, sensor: str) -> tuple[int, ...]:
+        return self.shapes[self.sensors.index(sensor)]
+
+    def trunk_grid(self, sensor: str) -> tuple[int, ...]:
+        """Spatial size of ``sensor``'s trunk output (its size / 4, rounded up)."""
+        return tuple(_down4(d) for d in self.shape_of(sensor)[1:])
+
     @property
-    def channels(self) -> int:
-        return self.sample_shape[0]
+    def feature_grid(self) -> tuple[int, ...]:
+        """The spatial size every device's feature is brought to: the smallest trunk output,
+        capped at :data:`MAX_FEATURE_GRID`."""
+        grids = [self.trunk_grid(s) for s in self.sensors]
+        return tuple(min(min(axis), MAX_FEATURE_GRID[self.kind]) for axis in zip(*grids))
 
     @property
     def feature_shape(self) -> tuple[int, ...]:
-        """Shape of one device's feature (what a device sends): spatial size / 4."""
-        return (self.feature_channels, *(s // 4 for s in self.sample_shape[1:]))
+        """Shape of one device's feature (what a device sends)."""
+        return (self.feature_channels, *self.feature_grid)
 
     @property
     def fused_channels(self) -> int:
@@ -107,8 +144,9 @@ class ModelSpec:
 
     @property
     def edge_feature_shape(self) -> tuple[int, ...]:
-        """Shape of the edge feature (what the gateway sends to the cloud): spatial size / 8."""
-        return (self.edge_channels, *(s // 8 for s in self.sample_shape[1:]))
+        """Shape of the edge feature (what the gateway sends to the cloud): the feature grid
+        halved, rounding up."""
+        return (self.edge_channels, *(-(-g // 2) for g in self.feature_grid))
 
 
 def _layers(kind: str) -> tuple[type[nn.Module], type[nn.Module], type[nn.Module]]:
@@ -124,7 +162,7 @@ def _conv_block(kind: str, c_in: int, c_out: int, *, kernel: int = 3, stride: in
     layers = [conv(c_in, c_out, kernel, stride=stride, padding=kernel // 2, groups=groups,
                    bias=False)]
     if pool:
-        layers.append(maxpool(2))
+        layers.append(maxpool(2, ceil_mode=True))
     return nn.Sequential(*layers, norm(c_out), nn.ReLU())
 
 
@@ -157,27 +195,59 @@ def _global_pool(x: Tensor) -> Tensor:
     return torch.cat([flat.amax(dim=2), flat.mean(dim=2)], dim=1)
 
 
+def bin_average(size_in: int, size_out: int) -> Tensor:
+    """``[size_in, size_out]``: column j averages the inputs of bin j (adaptive average pooling
+    as a matrix, so that it exports to ONNX as a MatMul for any two sizes)."""
+    matrix = torch.zeros(size_in, size_out)
+    for j in range(size_out):
+        lo, hi = (j * size_in) // size_out, -(-((j + 1) * size_in) // size_out)
+        matrix[lo:hi, j] = 1.0 / (hi - lo)
+    return matrix
+
+
+class Regrid(nn.Module):
+    """Average-pools the spatial axes of ``[B, C, ...]`` from one size to another by fixed bins."""
+
+    def __init__(self, size_in: tuple[int, ...], size_out: tuple[int, ...]) -> None:
+        super().__init__()
+        self.axes = len(size_in)
+        for axis, (a, b) in enumerate(zip(size_in, size_out)):
+            self.register_buffer(f"bins{axis}", bin_average(a, b))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x @ getattr(self, f"bins{self.axes - 1}")
+        if self.axes == 2:
+            x = (x.transpose(-1, -2) @ self.bins0).transpose(-1, -2)
+        return x
+
+
 class DeviceShard(nn.Module):
     """What one sensor device runs: normalise, two conv blocks, a projection to the feature.
 
     The trunk downsamples by 4: a strided conv block, then a conv block with max pooling. The
     device exit classifies the globally pooled trunk output (objects may be anywhere in the
     view); the feature sent upstream is a conv projection of the same map to
-    ``feature_channels``, keeping the spatial layout (``spec.feature_shape``).
+    ``feature_channels``, on the spec's common feature grid (``spec.feature_shape``; a
+    :class:`Regrid` brings the trunk output there when this sensor's size differs).
 
     Takes raw sensor values as float32 ``[B, C, ...]`` (uint8 images just cast); the
-    per-channel ``mean``/``std`` buffers hold the training-data statistics (set by ``train``).
+    per-channel ``mean``/``std`` buffers hold the training-data statistics (set by ``train``),
+    so no device can forget or misapply them. A NaN (a missing value, or the end of a shorter
+    series) becomes 0 after normalising: the channel's training mean.
     """
 
-    def __init__(self, spec: ModelSpec) -> None:
+    def __init__(self, spec: ModelSpec, sensor: str | None = None) -> None:
         super().__init__()
-        stats_shape = (1, spec.channels, *([1] * (len(spec.sample_shape) - 1)))
+        shape = spec.shape_of(sensor) if sensor is not None else spec.shapes[0]
+        stats_shape = (1, shape[0], *([1] * (len(shape) - 1)))
         self.register_buffer("mean", torch.zeros(stats_shape))
         self.register_buffer("std", torch.ones(stats_shape))
         kernel = 3 if spec.kind == "image" else 5
         self.trunk = nn.Sequential(
-            _conv_block(spec.kind, spec.channels, TRUNK_CHANNELS, kernel=kernel, stride=2),
+            _conv_block(spec.kind, shape[0], TRUNK_CHANNELS, kernel=kernel, stride=2),
             _conv_block(spec.kind, TRUNK_CHANNELS, HIDDEN_CHANNELS, kernel=kernel, pool=True))
+        grid = tuple(_down4(d) for d in shape[1:])
+        self.regrid = Regrid(grid, spec.feature_grid) if grid != spec.feature_grid else nn.Identity()
         self.project = _conv_block(spec.kind, HIDDEN_CHANNELS, spec.feature_channels, kernel=kernel)
         if spec.binary_feature:
             self.project[-1] = BinarizeSTE()
@@ -189,8 +259,9 @@ class DeviceShard(nn.Module):
         self.std.copy_(torch.as_tensor(std, dtype=torch.float32).reshape(self.std.shape))
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        hidden = self.trunk((x - self.mean) / self.std)
-        return self.exit(_global_pool(hidden)), self.project(hidden)
+        normalized = (x - self.mean) / self.std
+        hidden = self.trunk(torch.where(torch.isnan(x), torch.zeros_like(x), normalized))
+        return self.exit(_global_pool(hidden)), self.project(self.regrid(hidden))
 
 
 class GatewayShard(nn.Module):
@@ -276,13 +347,15 @@ class DDNN(nn.Module):
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
         self.spec = spec
-        self.devices = nn.ModuleDict({name: DeviceShard(spec) for name in spec.sensors})
+        self.devices = nn.ModuleDict({name: DeviceShard(spec, name) for name in spec.sensors})
         self.gateway = GatewayShard(spec)
         self.cloud = CloudShard(spec)
 
-    def forward(self, x: Tensor, present: Tensor) -> Exits:
-        """``x`` float32 ``[B, K, C, ...]`` in sensor order; ``present`` bool ``[B, K]``."""
-        outputs = [shard(x[:, k]) for k, shard in enumerate(self.devices.values())]
+    def forward(self, x: Tensor | Sequence[Tensor], present: Tensor) -> Exits:
+        """``x``: each sensor's float32 ``[B, C, ...]`` in sensor order (or, when they share one
+        shape, all of them stacked ``[B, K, C, ...]``); ``present`` bool ``[B, K]``."""
+        xs = x.unbind(1) if isinstance(x, Tensor) else x
+        outputs = [shard(xk) for xk, shard in zip(xs, self.devices.values())]
         scores = torch.stack([s for s, _ in outputs], dim=1)
         features = torch.stack([f for _, f in outputs], dim=1)
         present = present.to(torch.bool)

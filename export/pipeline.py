@@ -25,6 +25,7 @@ from fogsplit.export.model import DDNN, ModelSpec, fuse_features
 from fogsplit.export.prune import DDNN_LAYERS, Compression, PruneUnit, bn_l1_penalty, prune_to_target
 from fogsplit.export.shards import ShardPlan, write_shard
 from fogsplit.export.split import prune_to_budget
+from fogsplit.export.fusion_weights import fit_fusion_weights, weighted_local
 from fogsplit.export.train import predict, train
 
 log = logging.getLogger(__name__)
@@ -47,8 +48,9 @@ def split_validation(train_set: Dataset, fraction: float, seed: int) -> tuple[Da
     return train_set.subset(np.sort(order[n_val:])), train_set.subset(np.sort(order[:n_val]))
 
 
-def as_tensor(data: Dataset) -> torch.Tensor:
-    return torch.from_numpy(data.stacked().astype(np.float32))
+def as_tensors(data: Dataset) -> list[torch.Tensor]:
+    """Each sensor's samples as float32 ``[N, C, ...]``, in sensor order."""
+    return [torch.from_numpy(a.astype(np.float32)) for a in data.arrays()]
 
 
 def export_bundle(data: Dataset, out_dir: str | Path, options: ExportOptions | None = None) -> ExportReport:
@@ -64,31 +66,40 @@ def export_bundle(data: Dataset, out_dir: str | Path, options: ExportOptions | N
     spec = ModelSpec.for_dataset(data, feature_channels=options.feature_channels,
                                  local_fusion=options.local_fusion, edge_fusion=options.edge_fusion,
                                  binary_feature=options.feature_codec == "sign")
+    log.info("pooling plan: %s -> feature %s, edge feature %s",
+             ", ".join(f"{s} {list(spec.shape_of(s))}" for s in spec.sensors), list(spec.feature_shape),
+             list(spec.edge_feature_shape))
     torch.manual_seed(options.seed)
     model = DDNN(spec)
     pressure = bn_l1_penalty(prunable_batchnorms(model), SPARSITY) if options.prune_target \
         else contextlib.nullcontext()
+    recipe = dict(seed=options.seed, augment=options.augment, flips=options.flips,
+                  val=val if options.early_stop else None, progress=options.progress)
     with pressure:
-        report = train(model, fit, epochs=options.epochs, seed=options.seed, progress=options.progress)
-    log.info("trained %d epochs in %.1fs on %d samples", report.epochs, time.perf_counter() - t0, len(fit))
+        report = train(model, fit, epochs=options.epochs, steps=options.steps, **recipe)
+    log.info("trained %d steps (%.1f epochs; best checkpoint at step %d) in %.1fs on %d samples",
+             report.steps, report.epochs, report.best_step, time.perf_counter() - t0, len(fit))
     split_report = None
     if options.feature_bytes:
         model, split_report = prune_to_budget(model, fit, codec=options.feature_codec,
-                                              budget_bytes=options.feature_bytes,
-                                              epochs=max(2, options.epochs // 2), seed=options.seed,
-                                              progress=options.progress)
+                                              budget_bytes=options.feature_bytes, steps=max(2, report.steps // 2),
+                                              seed=options.seed, val=recipe["val"], progress=options.progress)
         spec = model.spec
     seconds["train"] = time.perf_counter() - t0
     compression = None
     if options.prune_target:
         t_prune = time.perf_counter()
-        compression = prune(model, fit, val, options)
+        compression = prune(model, fit, val, options, steps=max(2, round(report.steps * FINETUNE_SHARE)))
         seconds["prune"] = time.perf_counter() - t_prune
 
     t1 = time.perf_counter()
     model.eval()
     codecs = calibrate_codecs(model, fit, options)
     val_logits = predict(model, val)
+    weights = fit_fusion_weights(val_logits["device"], val.y) if options.fusion_weights else None
+    validation = validation_report(model, val, val_logits, weights)
+    if weights is not None:
+        val_logits["local"] = weighted_local(val_logits["device"], weights)
     costs = wire_costs(spec, codecs)
     point = calibrate_thresholds(val_logits, val.y, max_accuracy_drop=options.max_accuracy_drop,
                                  feature_cost=costs["request"] + len(spec.sensors) * costs["feature"],
@@ -105,13 +116,16 @@ def export_bundle(data: Dataset, out_dir: str | Path, options: ExportOptions | N
     seconds["export"] = time.perf_counter() - t1
     manifest = Manifest(
         model_id="", classes=data.classes,
-        sensors=tuple(SensorSpec(name=s, kind=data.kind, shape=tuple(int(d) for d in data.sample_shape),
+        sensors=tuple(SensorSpec(name=s, kind=data.kind, shape=data.shapes[s],
                                  dtype="uint8" if data.sensors[s].dtype == np.uint8 else "float32")
                       for s in data.sensor_names),
-        shards=tuple(shards), local_fusion=spec.local_fusion, edge_fusion=spec.edge_fusion,
+        shards=tuple(shards), local_fusion="weighted" if weights is not None else spec.local_fusion,
+        fusion_weights={s: round(float(w), 6) for s, w in zip(spec.sensors, weights)} if weights is not None else {},
+        edge_fusion=spec.edge_fusion,
         thresholds={"local": point.local, "edge": point.edge}, codecs=codecs, dataset=data.name, cache=cache,
-        metrics=test_metrics(model, data.test(), point.local, point.edge) | {
+        metrics=test_metrics(model, data.test(), point.local, point.edge, weights) | validation | {
             "validation_accuracy": point.accuracy, "validation_exit_fraction": point.exit_fraction,
+            "train_steps": report.steps, "train_best_step": report.best_step,
             "train_seconds": round(seconds["train"], 2)}
         | ({"prune_seconds": round(seconds["prune"], 2)} if "prune" in seconds else {})
         | ({"split_pruning": split_report} if split_report else {}),
@@ -135,14 +149,16 @@ def prune_units(model: DDNN, val: Dataset) -> list[PruneUnit]:
     return [PruneUnit(p.name, p.module, p.inputs, DDNN_LAYERS[p.tier]) for p in shard_plans(model, val)]
 
 
-def prune(model: DDNN, fit: Dataset, val: Dataset, options: ExportOptions) -> Compression:
-    """The prune step between training and calibration: slim every shard to the target, fine-tune."""
+def prune(model: DDNN, fit: Dataset, val: Dataset, options: ExportOptions, steps: int) -> Compression:
+    """The prune step between training and calibration: slim every shard to the target, fine-tune
+    for ``steps``."""
     metric, target = options.prune_target
     compression = prune_to_target(prune_units(model, val), target, metric)
-    epochs = max(2, round(options.epochs * FINETUNE_SHARE))
-    train(model, fit, epochs=epochs, lr=FINETUNE_LR, seed=options.seed + 1, progress=options.progress)
-    log.info("pruned FLOPs -%.1f%%, params -%.1f%% (target: %s -%.1f%%), fine-tuned %d epochs",
-             100 * compression.flops_cut, 100 * compression.params_cut, metric, 100 * target, epochs)
+    train(model, fit, steps=steps, lr=FINETUNE_LR, seed=options.seed + 1, val=val if options.early_stop else None,
+          augment=options.augment,
+          flips=options.flips, progress=options.progress)
+    log.info("pruned FLOPs -%.1f%%, params -%.1f%% (target: %s -%.1f%%), fine-tuned %d steps",
+             100 * compression.flops_cut, 100 * compression.params_cut, metric, 100 * target, steps)
     return compression
 
 
@@ -167,15 +183,15 @@ def wire_costs(spec: ModelSpec, codecs: dict[str, CodecSpec]) -> dict[str, int]:
 
 def shard_plans(model: DDNN, val: Dataset, batch: int = 64) -> list[ShardPlan]:
     """The shards of ``model`` with real example inputs taken from ``val``."""
-    x = as_tensor(val.subset(np.arange(min(batch, len(val)))))
+    xs = as_tensors(val.subset(np.arange(min(batch, len(val)))))
     plans = []
     features = []
     with torch.no_grad():
         for k, sensor in enumerate(model.spec.sensors):
-            plans.append(ShardPlan(f"device_{sensor}", "device", model.devices[sensor], {"x": x[:, k]},
+            plans.append(ShardPlan(f"device_{sensor}", "device", model.devices[sensor], {"x": xs[k]},
                                    ("scores", "feature"), sensor=sensor))
-            features.append(model.devices[sensor](x[:, k])[1])
-        present = torch.ones(x.shape[0], len(features), dtype=torch.bool)
+            features.append(model.devices[sensor](xs[k])[1])
+        present = torch.ones(xs[0].shape[0], len(features), dtype=torch.bool)
         fused = fuse_features(torch.stack(features, 1), present, model.spec.edge_fusion)
         edge_feature = model.gateway(fused)[1]
     plans.append(ShardPlan("gateway", "gateway", model.gateway, {"fused": fused}, ("logits", "edge_feature")))
@@ -186,10 +202,10 @@ def shard_plans(model: DDNN, val: Dataset, batch: int = 64) -> list[ShardPlan]:
 def split_features(model: DDNN, data: Dataset) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """What crosses each split for ``data``: device features ``[K, N, ...]``, the fused gateway
     input ``[N, ...]`` and the edge feature ``[N, ...]``."""
-    x = as_tensor(data)
+    xs = as_tensors(data)
     with torch.no_grad():
-        feats = torch.stack([model.devices[s](x[:, k])[1] for k, s in enumerate(model.spec.sensors)])
-        present = torch.ones(x.shape[0], len(model.spec.sensors), dtype=torch.bool)
+        feats = torch.stack([model.devices[s](xs[k])[1] for k, s in enumerate(model.spec.sensors)])
+        present = torch.ones(len(data), len(model.spec.sensors), dtype=torch.bool)
         fused = fuse_features(feats.transpose(0, 1), present, model.spec.edge_fusion)
         edge = model.gateway(fused)[1]
     return feats, fused, edge
@@ -213,11 +229,11 @@ def calibrate_cache(model: DDNN, val: Dataset, val_logits: dict[str, np.ndarray]
 
 def calibrate_codecs(model: DDNN, data: Dataset, options: ExportOptions, limit: int = 512) -> dict[str, CodecSpec]:
     """Codec per stream; int8 scale and zero point from the model's outputs on training data."""
-    x = as_tensor(data.subset(np.arange(min(limit, len(data)))))
+    xs = as_tensors(data.subset(np.arange(min(limit, len(data)))))
     with torch.no_grad():
-        outs = [model.devices[s](x[:, k]) for k, s in enumerate(model.spec.sensors)]
+        outs = [model.devices[s](xs[k]) for k, s in enumerate(model.spec.sensors)]
         feats = [f for _, f in outs]
-        present = torch.ones(x.shape[0], len(feats), dtype=torch.bool)
+        present = torch.ones(xs[0].shape[0], len(feats), dtype=torch.bool)
         edge = model.gateway(fuse_features(torch.stack(feats, 1), present, model.spec.edge_fusion))[1]
     samples = {"scores": torch.stack([s for s, _ in outs]).numpy(), "feature": torch.stack(feats).numpy(),
                "forward": edge.numpy()}
@@ -228,8 +244,38 @@ def calibrate_codecs(model: DDNN, data: Dataset, options: ExportOptions, limit: 
     return codecs
 
 
-def test_metrics(model: DDNN, test: Dataset, local: float, edge: float) -> dict:
+def validation_report(model: DDNN, val: Dataset, val_logits: dict[str, np.ndarray],
+                      weights: np.ndarray | None) -> dict:
+    """Every exit's accuracy on validation (each device, local, edge, cloud), logged, and a
+    warning when a fused exit falls below the best single device."""
+    y = val.y
+    devices = (val_logits["device"].argmax(2) == y[:, None]).mean(0)
+    accuracy = {"device": {s: round(float(a), 4) for s, a in zip(model.spec.sensors, devices)}}
+    accuracy.update({tier: round(float((val_logits[tier].argmax(1) == y).mean()), 4) for tier in ("local", "edge", "cloud")})
+    out = {"validation_exit_accuracy": accuracy}
+    if weights is not None:
+        weighted = float((weighted_local(val_logits["device"], weights).argmax(1) == y).mean())
+        out["validation_local_accuracy"] = {"trained": accuracy["local"], "weighted": round(weighted, 4)}
+        accuracy["local"] = round(weighted, 4)
+        log.info("fusion weights learnt on validation: %s", ", ".join(
+            f"{s} {w:.2f}" for s, w in zip(model.spec.sensors, weights)))
+    log.info("validation accuracy (%d samples): %s; local %.4f, edge %.4f, cloud %.4f", len(y),
+             ", ".join(f"{s} {a:.4f}" for s, a in accuracy["device"].items()),
+             accuracy["local"], accuracy["edge"], accuracy["cloud"])
+    best_device = max(accuracy["device"].values())
+    below = {tier: accuracy[tier] for tier in ("local", "edge", "cloud") if accuracy[tier] < best_device}
+    if below:
+        log.warning("fused exits below the best single device (%.4f) on validation: %s", best_device,
+                    ", ".join(f"{t} {a:.4f}" for t, a in below.items()))
+        out["fusion_below_best_device"] = below
+    return out
+
+
+def test_metrics(model: DDNN, test: Dataset, local: float, edge: float,
+                 weights: np.ndarray | None = None) -> dict:
     logits = predict(model, test)
+    if weights is not None:
+        logits["local"] = weighted_local(logits["device"], weights)
     y = test.y
     acc = {tier: round(float((logits[tier].argmax(1) == y).mean()), 4) for tier in ("local", "edge", "cloud")}
     per_device = (logits["device"].argmax(2) == y[:, None]).mean(0)

@@ -71,8 +71,8 @@ def prune_split_layer(model: DDNN, keep: int) -> DDNN:
     return pruned
 
 
-def prune_to_budget(model: DDNN, fit: Dataset, *, codec: str, budget_bytes: int, epochs: int, seed: int,
-                    progress: bool = False) -> tuple[DDNN, dict]:
+def prune_to_budget(model: DDNN, fit: Dataset, *, codec: str, budget_bytes: int, steps: int, seed: int,
+                    val: Dataset | None = None, progress: bool = False) -> tuple[DDNN, dict]:
     """Prune the split layer until a device's feature fits ``budget_bytes`` under ``codec``
     (int8 and fp16 widths are fixed; sign is 1 bit a value), then fine-tune all exits jointly."""
     keep = channels_for_budget(model.spec, CodecSpec(codec, scale=1.0), budget_bytes)
@@ -80,7 +80,7 @@ def prune_to_budget(model: DDNN, fit: Dataset, *, codec: str, budget_bytes: int,
     if keep >= model.spec.feature_channels:
         return model, report
     pruned = prune_split_layer(model, keep)
-    log.info("split layer pruned from %d to %d channels for a %d-byte feature; fine-tuning %d epochs",
-             model.spec.feature_channels, keep, budget_bytes, epochs)
-    train(pruned, fit, epochs=epochs, lr=0.003, seed=seed + 1, progress=progress)
+    log.info("split layer pruned from %d to %d channels for a %d-byte feature; fine-tuning %d steps",
+             model.spec.feature_channels, keep, budget_bytes, steps)
+    train(pruned, fit, steps=steps, lr=0.003, seed=seed + 1, val=val, progress=progress)
     return pruned, report

@@ -19,6 +19,7 @@ from fogsplit.core.settings import GatewaySettings, RolloutSettings
 from fogsplit.core.topics import Topics
 from fogsplit.core.transport import Transport
 
+from fogsplit.gateway.fog import FogSlice
 from fogsplit.gateway.logic import GatewayLogic, GatewayStats
 
 __all__ = ["Gateway", "GatewaySettings", "GatewayStats"]
@@ -41,6 +42,9 @@ class Gateway(Service):
         self.route(topics.feature(cell, "+"), self._on_frame("on_feature"))
         self.route(topics.device_status(cell, "+"), self._on_status)
         self.route(topics.cmd(cell, "+"), self._to_all("on_command"))
+        if m.fog is not None:
+            self.route(topics.fog_answer(cell, "+"), self._on_frame("on_fog_answer"))
+            self.route(topics.fog_status(cell, "+"), self._to_all("on_fog_status"))
         self.rollout = None if rollout is None or rollout.store is None else RolloutLink(
             self, tier="gateway", name=gateway, cell=cell, shards=[m.tier_shard("gateway").name], running=m.model_id,
             settings=rollout, trust=trust, clock=clock, prepare=self._prepare, switch=self.models.switch,
@@ -60,6 +64,14 @@ class Gateway(Service):
     @property
     def cache(self):
         return self.logic.cache
+
+    def apply(self, actions) -> None:
+        """The fog slices go to each node's topic; the rest as every service publishes them."""
+        actions = list(actions or ())
+        for a in actions:
+            if isinstance(a, FogSlice):
+                self.send("fog_slice", self.topics.fog_slice(a.cell, a.node), a.payload, [a.event])
+        super().apply([a for a in actions if not isinstance(a, FogSlice)])
 
     def start(self) -> "Gateway":
         self.log.info("%s: serving model %s, sensors %s, thresholds %s", self.name, self.manifest.model_id,

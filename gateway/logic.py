@@ -10,6 +10,8 @@ scores of the cell's online devices (or its deadline)
   -> RequestFeatures from the devices that lack one   (feature deadline)
   -> fuse the features, gateway cache hit?            -> Answer (cache)
   -> gateway shard, edge exit?                        -> Answer (edge)
+     (or, when the bundle has fog nodes: FogSlice to each node, then the ensemble of the
+     nodes that answered by the fog deadline, edge exit? -> Answer (edge, naming the nodes))
   -> Forward to the cloud
 A request nobody answers in time answers from the local exit, marked degraded.
 """
@@ -26,6 +28,7 @@ from fogsplit.core.assembly import Assembler, Event
 from fogsplit.core.clock import Clock
 from fogsplit.core.commands import parse_thresholds
 from fogsplit.core.errors import FrameError
+from fogsplit.core.exits import entropy_exit
 from fogsplit.core.frames import GONE, REQUEST, encode_events_frame, encode_forward_frame, to_slot
 from fogsplit.core.fusion import fuse
 from fogsplit.core.manifest import Manifest, expect_frames
@@ -38,7 +41,8 @@ from fogsplit.core.topics import device_of
 from fogsplit.core.transport import Message
 
 from fogsplit.gateway.caching import GatewayCache, vote_logits
-from fogsplit.gateway.stages import edge_stage, local_stage
+from fogsplit.gateway.fog import FogGather
+from fogsplit.gateway.stages import Decision, edge_stage, local_stage
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +75,7 @@ class GatewayStats:
     thresholds: dict[str, float] = field(default_factory=dict)
     transport: dict = field(default_factory=dict)
     cache: dict = field(default_factory=dict)
+    fog: dict = field(default_factory=dict)   # bundles with fog nodes: online, answered, missed per node
 
 
 LATENCY_PERCENTILES = (50, 95, 99)
@@ -96,6 +101,7 @@ class GatewayLogic:
         self.latency = {tier: Window() for tier in EXIT_TIERS}
         self.last_seen: dict[str, float] = {}
         self.rate = Rate(0, self.started)
+        self.fog = FogGather(m) if m.fog is not None else None
         self.owns: Callable[[float], bool] = lambda captured: True   # a rollout narrows it (docs/rollout.md)
 
     # -- inputs ---------------------------------------------------------------------------
@@ -184,7 +190,8 @@ class GatewayLogic:
     def on_timer(self, now: float) -> list[Action]:
         actions: list[Action] = []
         for ev in self.assembler.expired(now):
-            actions += self._decide_local(ev) if ev.stage == "scores" else self._run_edge(ev)
+            actions += self._decide_local(ev) if ev.stage == "scores" else \
+                self._fog_decide(ev) if ev.stage == "fog" else self._run_edge(ev)
         return actions
 
     def snapshot(self) -> GatewayStats:
@@ -200,7 +207,8 @@ class GatewayLogic:
             latency_ms={tier: w.percentiles(*LATENCY_PERCENTILES) for tier, w in self.latency.items()},
             cache_hit_rate=ratio(exits["cache"], past_local) if self.cache is not None else None,
             last_seen_s=ages(self.last_seen, now, self.sensors), thresholds=dict(self.thresholds),
-            cache=self.cache.snapshot() if self.cache is not None else {})
+            cache=self.cache.snapshot() if self.cache is not None else {},
+            fog=self.fog.snapshot() if self.fog is not None else {})
 
     # -- stages ---------------------------------------------------------------------------
     def _device_frame(self, msg: Message):
@@ -229,7 +237,8 @@ class GatewayLogic:
 
     def _decide_local(self, ev: Event) -> list[Action]:
         self.stats.events += 1
-        decision = local_stage(ev.parts, self.sensors, self.manifest.local_fusion, self.thresholds["local"])
+        decision = local_stage(ev.parts, self.sensors, self.manifest.local_fusion, self.thresholds["local"],
+                               self.manifest.fusion_weights)
         ev.local_logits = decision.logits
         if decision.exits:
             return self._answer(ev, decision.logits, "local")
@@ -268,12 +277,20 @@ class GatewayLogic:
                 share = float(vote.distribution[vote.label])
                 return self._answer(ev, vote_logits(vote.label, share, self.manifest.num_classes), "cache",
                                     devices=devices)
+        if self.fog is not None:
+            return self._ask_fog(ev, fused, devices)
         decision, edge_feature = edge_stage(self.runner, fused, self.thresholds["edge"])
         self.stats.shard_runs += 1
+        return self._edge_outcome(ev, fused, devices, decision, edge_feature)
+
+    def _edge_outcome(self, ev: Event, fused: np.ndarray, devices: list[str], decision: Decision,
+                      edge_feature: np.ndarray, *, nodes: list[str] | None = None,
+                      degraded: bool = False) -> list[Action]:
+        now = self.clock.monotonic()
         if decision.exits:
             if self.cache is not None:
                 self.cache.learn(fused, int(np.argmax(decision.logits)), "edge", self.manifest.model_id, now)
-            return self._answer(ev, decision.logits, "edge", devices=devices)
+            return self._answer(ev, decision.logits, "edge", devices=devices, nodes=nodes, degraded=degraded)
         if self.cache is not None:
             self.cache.hold(ev.event, fused, now)
         payload = encode_forward_frame(model=self.manifest.model_id, event=ev.event, captured=ev.captured,
@@ -283,11 +300,52 @@ class GatewayLogic:
         self.assembler.finish(ev.event)
         return [Forward(self.cell, ev.event, payload)]
 
+    # -- fog nodes (docs/eddl.md) ------------------------------------------------------------
+    @refusing
+    def on_fog_answer(self, msg: Message) -> list[Action]:
+        event = self.fog.on_answer(msg) if self.fog is not None else None
+        ev = self.assembler.open.get(event) if event is not None else None
+        if ev is None or ev.stage != "fog" or not self.fog.ready(event):
+            return []
+        return self._fog_decide(ev)
+
+    @refusing
+    def on_fog_status(self, msg: Message) -> list[Action]:
+        if self.fog is None:
+            return []
+        freed = self.fog.on_status(msg)
+        log.info("%s: fog node %s is %s; online nodes %s", self.name, device_of(msg.topic),
+                 "offline" if device_of(msg.topic) not in self.fog.online else "online", sorted(self.fog.online))
+        return [a for event in freed if (ev := self.assembler.open.get(event)) is not None
+                for a in self._fog_decide(ev)]
+
+    def _ask_fog(self, ev: Event, fused: np.ndarray, devices: list[str]) -> list[Action]:
+        ev.stage = "fog"
+        ev.deadline = self.clock.monotonic() + self.settings.fog_deadline_ms / 1000.0
+        slices = self.fog.ask(self.cell, ev.event, fused, devices)
+        return slices + (self._fog_decide(ev) if self.fog.ready(ev.event) else [])
+
+    def _fog_decide(self, ev: Event) -> list[Action]:
+        """The ensemble of the nodes that answered; none: the gateway's own shard, degraded."""
+        got = self.fog.finish(ev.event)
+        if not got.complete:
+            self.stats.degraded += 1
+            log.warning("%s: event %d: fog nodes %s answered, %s did not", self.name, ev.event, got.nodes,
+                        sorted(set(self.fog.nodes) - set(got.nodes)))
+        if got.logits is None:
+            decision, edge_feature = edge_stage(self.runner, got.fused, self.thresholds["edge"])
+            self.stats.shard_runs += 1
+        else:
+            decision, edge_feature = Decision(got.logits, entropy_exit(got.logits, self.thresholds["edge"])), \
+                got.edge_feature
+        return self._edge_outcome(ev, got.fused, got.devices, decision, edge_feature, nodes=got.nodes,
+                                  degraded=not got.complete)
+
     def _answer(self, ev: Event, logits: np.ndarray, tier: str, *, devices: list[str] | None = None,
-                degraded: bool = False) -> list[Action]:
+                degraded: bool = False, nodes: list[str] | None = None) -> list[Action]:
         result = make_result(logits, event=ev.event, exit=tier, classes=self.manifest.classes,
                              devices=devices or ev.devices, captured=ev.captured, model=self.manifest.model_id,
-                             now=self.clock.time(), degraded=degraded)
+                             now=self.clock.time(), degraded=degraded, nodes=nodes)
         self.stats.exits[tier] += 1
         self.latency[tier].add(result.latency_ms)
         self.assembler.finish(ev.event)

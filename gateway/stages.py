@@ -16,9 +16,10 @@ class Decision:
     exits: bool
 
 
-def local_stage(scores: dict[str, np.ndarray], sensors: list[str], fusion: str, threshold: float) -> Decision:
+def local_stage(scores: dict[str, np.ndarray], sensors: list[str], fusion: str, threshold: float,
+                weights: dict[str, float] | None = None) -> Decision:
     """DDNN's local aggregator: fuse the devices' exit scores, exit if confident."""
-    logits = fuse(scores, sensors, fusion)
+    logits = fuse(scores, sensors, fusion, weights)
     return Decision(logits, entropy_exit(logits, threshold))
 
 

@@ -23,6 +23,9 @@ from fogsplit.cli import build_parser, main
     (["export", "--out", "x", "--feature-codec", "rot13"], "--feature-codec"),
     (["export", "--out", "x", "--scores-codec", "sign"], "--scores-codec"),
     (["export", "--out", "x", "--feature-bytes", "0"], "--feature-bytes"),
+    (["export", "--out", "x", "--steps", "0"], "--steps"),
+    (["export", "--out", "x", "--steps", "many"], "--steps"),
+    (["export", "--out", "x", "--epochs", "3", "--steps", "100"], "not allowed with argument"),
     (["bench", "nosuch"], "invalid choice"),
 ])
 def test_bad_flags_are_refused(argv, needle, capsys):

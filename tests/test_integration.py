@@ -56,6 +56,12 @@ def test_raw_offload_answers_from_the_cloud(broker, bundle, test_set):
     assert report["bytes_per_event"] >= 6 * 3 * 32 * 32  # six raw uint8 views at least
 
 
+def _other_model(model_id: str) -> str:
+    """A model id whose frame tag differs from ``model_id``'s (tags are 7 bits: 1 in 128 collide)."""
+    from fogsplit.core.frames import frame_tag
+    return next(f"another-model-{i}" for i in range(256) if frame_tag(f"another-model-{i}") != frame_tag(model_id))
+
+
 def test_bad_frames_are_refused_on_the_error_topic_and_serving_goes_on(broker, bundle, request, live_gateway):
     """Send each kind of bad frame to a live gateway; each is reported, then a good event still works."""
     live = live_gateway(broker, bundle, name="bad", cell="c1", settings=GatewaySettings(deadline_ms=100))
@@ -77,7 +83,7 @@ def test_bad_frames_are_refused_on_the_error_topic_and_serving_goes_on(broker, b
         "layout": msgpack.packb({"v": 1, "k": "s", "e": 2}),
         "payload": msgpack.packb([body[0], 3, b"\x00"]),   # NaN and the like: tests/test_frames.py
         "event": msgpack.packb([body[0], -4, body[2]]),
-        "model": encode_slot_frame(SCORES, event=5, tensor=scores, **{**good, "model": "another-model"}),
+        "model": encode_slot_frame(SCORES, event=5, tensor=scores, **{**good, "model": _other_model(m.model_id)}),
         "device": encode_slot_frame(SCORES, event=6, tensor=scores, **good),
     }
     for rule, payload in bad.items():

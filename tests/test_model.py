@@ -51,11 +51,12 @@ def test_image_feature_is_about_256_values() -> None:
 def test_spec_for_dataset_reads_the_data_and_takes_overrides(series: Dataset) -> None:
     spec = ModelSpec.for_dataset(series, feature_channels=2, local_fusion="mean")
     assert spec.sensors == ("imu0", "imu1", "imu2")
-    assert (spec.kind, spec.sample_shape, spec.num_classes) == ("series", (3, 32), 3)
+    assert (spec.kind, spec.shapes, spec.num_classes) == ("series", ((3, 32),) * 3, 3)
     assert (spec.feature_channels, spec.local_fusion, spec.edge_fusion) == (2, "mean", "concat")
 
 
-@pytest.mark.parametrize("bad", [dict(kind="audio"), dict(sample_shape=(3, 30)),
+@pytest.mark.parametrize("bad", [dict(kind="audio"), dict(sample_shape=(3, 3)), dict(sample_shape=(0, 32)),
+                                 dict(sample_shape=((3, 32), (3, 32))), dict(sample_shape=(3, 8, 8)),
                                  dict(local_fusion="concat"), dict(edge_fusion="sum"),
                                  dict(sensors=())])
 def test_spec_rejects_what_cannot_be_built(bad) -> None:

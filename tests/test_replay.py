@@ -40,7 +40,7 @@ def test_only_the_devices_own_array_is_read(data, tmp_path):
     """A peer's array that the whole-file loader refuses does not stop a device."""
     path = tmp_path / "mixed.npz"
     bad = data.sensors["cam1"].astype(np.float32)
-    bad[0, 0, 0, 0] = np.nan
+    bad[0, 0, 0, 0] = np.inf
     np.savez(path, x_cam0=data.sensors["cam0"], x_cam1=bad, y=data.y, split=data.split)
     with pytest.raises(DataError, match="x_cam1"):
         load_npz(path)
@@ -56,10 +56,10 @@ def test_only_the_devices_own_array_is_read(data, tmp_path):
     (lambda p: np.savez(p, x_cam0=np.zeros((4, 8)), y=np.zeros(4, int)), "cam0", "test", "must be [N, C, T]"),
     (lambda p: np.savez(p, x_cam0=np.array(["a"] * 4).reshape(4, 1, 1), y=np.zeros(4, int)), "cam0", "test",
      "must be numeric"),
-    (lambda p: np.savez(p, x_cam0=np.full((4, 1, 3), np.inf), y=np.zeros(4, int)), "cam0", "test", "infinite"),
-    (lambda p: np.savez(p, x_cam0=np.zeros((4, 1, 3)), split=np.array([0, 1, 2, 1])), "cam0", "test",
+    (lambda p: np.savez(p, x_cam0=np.full((4, 1, 8), np.inf), y=np.zeros(4, int)), "cam0", "test", "infinite"),
+    (lambda p: np.savez(p, x_cam0=np.zeros((4, 1, 8)), split=np.array([0, 1, 2, 1])), "cam0", "test",
      "array 'split' must be [4] of 0 (train) and 1 (test)"),
-    (lambda p: np.savez(p, x_cam0=np.zeros((4, 1, 3)), split=np.ones(4, int)), "cam0", "train",
+    (lambda p: np.savez(p, x_cam0=np.zeros((4, 1, 8)), split=np.ones(4, int)), "cam0", "train",
      "no train samples"),
 ])
 def test_a_bad_replay_file_is_refused_naming_the_problem(tmp_path, write, sensor, split, needle):

@@ -18,7 +18,7 @@ from fogsplit.core.settings import ROLES, BrokerSettings, CacheSettings, DeviceS
 from fogsplit.core.validation import table_of
 
 REQUIRED = {"device": {"bundle": "b", "name": "cam0"}, "gateway": {"bundle": "b"}, "cloud": {"bundle": "b"},
-            "export": {"out": "b"}, "broker": {}, "watch": {}, "rollout": {"bundle": "b", "cell": "c0"}}
+            "export": {"out": "b"}, "broker": {}, "watch": {}, "rollout": {"bundle": "b", "cell": "c0"}, "fog": {"bundle": "b"}}
 PASSWORD = "s3cret-Pa55word"
 
 
@@ -69,7 +69,7 @@ def leaves(model, prefix: str = ""):
 EXAMPLES = {"bundle": "/srv/bundle", "name": "cam1", "out": "/srv/out", "count": 5, "events": 100, "broker.username": "u", "broker.password_file": "/run/secrets/pw",
             "broker.ca_file": "/etc/ca.crt", "gateway.local_threshold": 0.3, "gateway.edge_threshold": 0.4,
             "gateway.capture_rate": 12.5, "cache.k": 3, "cache.threshold": 0.5, "cache.min_agreement": 0.75,
-            "export.feature_bytes": 64, "export.target_flops": 0.5, "export.target_params": 0.6,
+            "export.feature_bytes": 64, "export.epochs": 12, "export.steps": 500, "export.target_flops": 0.5, "export.fog_nodes": 3, "export.target_params": 0.6,
             "trusted_keys": ["/etc/fogsplit/a.pub", "/etc/fogsplit/b.pub"], "sign_key": "/srv/keys/b.key",
             "health.file": "/tmp/fogsplit.health", "rollout.store": "/var/lib/fogsplit/bundles",
             "canary_cell": "c9", "cell": "c1", "seconds": 2.5, "data": "/srv/cam1.npz"}
