@@ -22,6 +22,7 @@ import numpy as np
 
 from fogsplit.core.dataset import Dataset, load_npz, make_dataset
 from fogsplit.core.errors import DataError
+from fogsplit.export.uea import is_uea, load_uea
 
 IMAGE_SIZE = 32
 SHAPES = ("disc", "triangle", "cross", "ring", "crescent",
@@ -482,10 +483,14 @@ BUILTIN = ("images", "series")
 
 
 def load_data(spec: str, *, seed: int = 0, events: int | None = None) -> Dataset:
-    """``images`` or ``series`` (built-in generators, deterministic from ``seed``) or a path to a ``.npz``."""
+    """``images`` or ``series`` (built-in generators, deterministic from ``seed``), a path to a ``.npz``,
+    or a UEA/UCR archive set: ``uea:BasicMotions`` or a path to ``<Name>_TRAIN.ts`` (export/uea.py)."""
     if spec in BUILTIN:
         make = multiview_images if spec == "images" else imu_series
         return make(seed=seed) if events is None else make(n_events=events, seed=seed)
+    if is_uea(spec):
+        return load_uea(spec)
     if not spec.endswith(".npz"):
-        raise DataError(spec, f"expected one of {BUILTIN} or a path to a .npz file")
+        raise DataError(spec, f"expected one of {BUILTIN}, a path to a .npz file, uea:<Name> "
+                              "(e.g. uea:BasicMotions) or a path to a <Name>_TRAIN.ts file")
     return load_npz(spec)
