@@ -50,9 +50,10 @@ FOG_TIER = "fog"
 EPOCHS = 40
 BATCH = 64
 LR = 0.01
-NODE_DROPOUT = 0.3       # each node lost at random for the ensemble, the full head and the edge feature
+NODE_DROPOUT = 0.5       # each node lost at random for the ensemble, the full head and the edge feature
 DISTILL = 10.0           # weight of the edge feature's distance to the bundle gateway's (docs/eddl.md)
-ENSEMBLE = 1.0           # weight of the loss of the ensemble of the nodes left by node dropout
+ENSEMBLE = 3.0           # weight of the loss of the ensemble of the nodes left by node dropout
+HIDDEN = 2               # the BIBD layer's width, in edge-feature widths (docs/eddl.md: stronger node heads)
 
 
 @dataclass(frozen=True)
@@ -83,15 +84,15 @@ class Layout:
 
 def make_layout(kind: str, fused_channels: int, edge_channels: int, num_classes: int, blocks, v: int,
                 nodes: int) -> Layout:
-    """Input groups as even as the channel count allows; ``edge_channels`` both as the BIBD
-    layer's width and the edge feature's, shared over the blocks."""
+    """Input groups as even as the channel count allows; ``edge_channels`` shared over the
+    blocks as the edge feature's width, :data:`HIDDEN` times that as the BIBD layer's."""
     sizes = split_sizes(fused_channels, v)
     starts = np.cumsum([0, *sizes])
     groups = tuple(tuple(range(int(starts[i]), int(starts[i + 1]))) for i in range(v))
     blocks = tuple(tuple(b) for b in blocks)
     parts = tuple(tuple(p) for p in partition_blocks(blocks, nodes))
     widths = tuple(split_sizes(edge_channels, len(blocks)))
-    return Layout(kind, groups, blocks, parts, widths, widths, num_classes)
+    return Layout(kind, groups, blocks, parts, tuple(HIDDEN * w for w in widths), widths, num_classes)
 
 
 class NodeModule(nn.Module):
