@@ -39,7 +39,9 @@ PREDICT_BATCH = 256
 AUTO_EPOCHS = 8          # the budget for a large set: 8 passes ...
 MIN_STEPS = 300          # ... but never fewer steps than this (small sets) ...
 MAX_STEPS = 3000         # ... nor more than this (large sets)
-EVALUATIONS = 30         # validation checks in a run
+EVALUATIONS = 30         # validation checks in a run ...
+SETTLED = 0.5            # ... in its second half: the one-cycle schedule's warm-up is over, and an
+                         # early checkpoint of a tiny validation set is an untrained model
 PATIENCE = 0.4           # stop when the last 40% of the budget brought no better checkpoint
 IMBALANCE = 1.5          # class weights when the largest class is this many times the smallest
 
@@ -150,8 +152,9 @@ def train(model: DDNN, data: Dataset, *, epochs: int | None = None, steps: int |
     """Train all exits jointly on ``data.train()``; deterministic for a given ``seed``.
 
     The budget is ``steps`` optimizer steps, or ``epochs`` passes, or by default
-    :func:`auto_steps`. With ``val``, the model is evaluated :data:`EVALUATIONS` times and left
-    at its best checkpoint (the mean accuracy of the fused exits; the later one on a tie). Sets
+    :func:`auto_steps`. With ``val``, the model is evaluated every ``1/EVALUATIONS`` of the
+    budget in its second half and left at its best checkpoint (the mean accuracy of the fused
+    exits; the later one on a tie). Sets
     the devices' normalisation statistics from the training data first. AdamW with a one-cycle
     learning-rate schedule peaking at ``lr``. Limits torch to at most two threads (the target
     machines have two cores). Weights missing from ``exit_weights`` keep
@@ -203,7 +206,7 @@ def train(model: DDNN, data: Dataset, *, epochs: int | None = None, steps: int |
                     tally[name][1] += count
                 bar.update()
                 bar.set_postfix(loss=f"{loss_sum / samples:.3f}")
-                if evaluate_every and (step % evaluate_every == 0 or step == total):
+                if evaluate_every and step >= SETTLED * total and (step % evaluate_every == 0 or step == total):
                     best.offer(model, step, exit_accuracy(model, val))
                     model.train()
                 if step >= total or best.stale(step, total):
