@@ -32,7 +32,7 @@ import numpy as np
 
 from fogsplit.bench.embedded import EmbeddedBroker
 from fogsplit.bench.flags import broker_url, positive
-from fogsplit.bench.report import write_json
+from fogsplit.bench.report import timed_main
 from fogsplit.core.frames import FOG_ANSWER, FOG_SLICE, encode_fog_frame
 from fogsplit.core.manifest import Manifest, check_bundle_contents
 from fogsplit.core.mqtt import MqttTransport, wait_until
@@ -375,14 +375,7 @@ def format_table(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    started = time.perf_counter()
-    result = run(args)
-    result["seconds"] = round(time.perf_counter() - started, 1)
-    print(format_table(result))
-    write_json(args.json, result, "results")
-    return 0
+    return timed_main(build_parser().parse_args(argv), run, format_table)
 
 
 if __name__ == "__main__":

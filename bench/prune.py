@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fogsplit.bench.report import write_json
+from fogsplit.bench.report import timed_main
 from fogsplit.core.runner import ShardRunner
 from fogsplit.export.datasets import load_data
 
@@ -247,14 +247,7 @@ def run(args) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    started = time.perf_counter()
-    result = run(args)
-    result["seconds"] = round(time.perf_counter() - started, 1)
-    print(format_table(result))
-    write_json(args.json, result, "results")
-    return 0
+    return timed_main(build_parser().parse_args(argv), run, format_table)
 
 
 if __name__ == "__main__":
