@@ -317,8 +317,10 @@ def run_dataset(name: str, design_name: str, args, workdir: Path, key: tuple[Pat
         "accuracy": {"dense": reports["dense"]["full"], "bibd": reports["bibd"]["full"],
                      "random_sparse": reports["random_sparse"]["full"], "ensemble": reports["bibd"]["ensemble"],
                      "random_sparse_ensemble": reports["random_sparse"]["ensemble"],
+                     "edge_answer": reports["bibd"].get("edge_answer"), "local": reports["bibd"].get("local"),
                      "node_heads": reports["bibd"]["node_heads"]},
-        "node_lost_accuracy": reports["bibd"]["node_lost"],
+        "node_lost_accuracy": reports["bibd"]["node_lost"],                  # the gateway's edge answer
+        "node_lost_ensemble_accuracy": reports["bibd"]["node_lost_ensemble"],  # the node heads alone
         "cloud_accuracy": cloud_accuracy(out, manifest, models, frozen["test"]),
         "bytes_per_event": {**wire_bytes(manifest, Topics("demo")),
                             "dense_one_node": wire_bytes(dense_manifest, Topics("demo"))["total"]},
@@ -361,7 +363,9 @@ def format_table(result: dict) -> str:
         a = r["accuracy"]
         lines.append(f"{r['data']} ({r['design']}, density {r['density']}, {r['test_events']} test events): "
                      f"dense {a['dense']}, bibd {a['bibd']}, random-sparse {a['random_sparse']}, "
-                     f"ensemble {a['ensemble']}, node heads {a['node_heads']}, one node lost {r['node_lost_accuracy']}")
+                     f"ensemble {a['ensemble']}, edge answer (with the local exit) {a.get('edge_answer')}, "
+                     f"node heads {a['node_heads']}, one node lost {r['node_lost_accuracy']} "
+                     f"(ensemble alone {r['node_lost_ensemble_accuracy']})")
         for n in r["nodes"]:
             lines.append(f"  {n['node']}: FLOPs {n['flops_fraction']:.3f}, params {n['params_fraction']:.3f} of dense, "
                          f"{n['latency_ms']} ms (dense {r['dense']['latency_ms']} ms), per sample at batch 64 "

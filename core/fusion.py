@@ -36,3 +36,11 @@ def fuse(arrays: dict[str, np.ndarray], sensors: list[str], mode: str,
         zero = np.zeros_like(present[0])
         return np.concatenate([arrays.get(s, zero) for s in sensors], axis=0)
     raise ValueError(f"unknown fusion {mode!r}")
+
+
+def with_local(edge_logits: np.ndarray, local_logits: np.ndarray) -> np.ndarray:
+    """An edge answer that also weighs what the local aggregator concluded (DDNN's hierarchy:
+    the edge sees the local exit's evidence): the product of the two distributions, as
+    log-probabilities. The fog nodes' ensemble answers this way (docs/eddl.md): when a node is
+    lost, the devices' own scores make up much of what its slice carried."""
+    return log_softmax(np.asarray(edge_logits, np.float32)) + log_softmax(np.asarray(local_logits, np.float32))

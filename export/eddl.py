@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from fogsplit.core.codecs import calibrate_int8
 from fogsplit.core.dataset import Dataset
-from fogsplit.core.fusion import fuse
+from fogsplit.core.fusion import fuse, with_local
 from fogsplit.core.manifest import FogNodeSpec, FogSpec, Manifest, check_bundle_contents, write_manifest
 from fogsplit.core.runner import ShardRunner
 from fogsplit.core.settings import ExportOptions
@@ -191,11 +191,13 @@ class _DenseLayer(nn.Module):
 
 @dataclass(frozen=True)
 class Frozen:
-    """What the edge part trains on: fused device features, labels, the bundle gateway's edge feature."""
+    """What the edge part trains on: fused device features, labels, the bundle gateway's edge
+    feature; and the local exit's logits, which the gateway's edge answer weighs in."""
 
     fused: np.ndarray
     y: np.ndarray
     target: np.ndarray
+    local: np.ndarray | None = None
 
 
 def train_edge(model: nn.Module, data: Frozen, *, epochs: int = EPOCHS, lr: float = LR, seed: int = 0,
@@ -238,23 +240,35 @@ def _sample_present(rng: np.random.Generator, batch: int, heads: int, dropout: f
 
 @torch.no_grad()
 def evaluate(model: nn.Module, data: Frozen) -> dict:
-    """Accuracy of the ensemble, the full head, each head alone, and the ensemble without each node."""
+    """Accuracy of the ensemble, the full head, each head alone, and the ensemble without each
+    node; with the local exit's logits in ``data``, also the gateway's edge answer (the ensemble
+    with the local exit's evidence, fogsplit.core.fusion.with_local) with every node and without
+    each: ``edge_answer``, ``node_lost`` (else ``node_lost`` is the ensemble's)."""
     x = torch.from_numpy(data.fused).float()
     out = model(x)
     y = torch.from_numpy(data.y).long()
 
-    def acc(logits: Tensor) -> float:
-        return round(float((logits.argmax(-1) == y).float().mean()), 4)
+    def acc(logits) -> float:
+        return round(float((torch.as_tensor(logits).argmax(-1) == y).float().mean()), 4)
+
+    def answer(ensemble: Tensor):
+        return ensemble if data.local is None else with_local(ensemble.numpy(), data.local)
 
     heads = out.heads.shape[1]
-    lost = []
+    lost, lost_answer = [], []
     for n in range(heads if heads > 1 else 0):
         present = torch.ones(len(y), heads, dtype=torch.bool)
         present[:, n] = False
-        lost.append(acc(model(x, present).ensemble))
-    return {"ensemble": acc(out.ensemble), "full": acc(out.full),
-            "node_heads": [acc(out.heads[:, h]) for h in range(heads)] if heads > 1 else [],
-            "node_lost": lost}
+        ensemble = model(x, present).ensemble
+        lost.append(acc(ensemble))
+        lost_answer.append(acc(answer(ensemble)))
+    report = {"ensemble": acc(out.ensemble), "full": acc(out.full),
+              "node_heads": [acc(out.heads[:, h]) for h in range(heads)] if heads > 1 else [],
+              "node_lost": lost_answer, "node_lost_ensemble": lost}
+    if data.local is not None:
+        report["edge_answer"] = acc(answer(out.ensemble))
+        report["local"] = acc(data.local)
+    return report
 
 
 # -- frozen features from a bundle -----------------------------------------------------------
@@ -264,15 +278,19 @@ def frozen_features(bundle_dir: Path, manifest: Manifest, data: Dataset, *, thre
     runners = {s: ShardRunner(Path(bundle_dir) / manifest.device_shard(s).file, threads=threads)
                for s in manifest.sensor_names}
     gateway = ShardRunner(Path(bundle_dir) / manifest.tier_shard("gateway").file, threads=threads)
-    fused_parts, targets = [], []
+    fused_parts, targets, local = [], [], []
+    sensors = manifest.sensor_names
     for start in range(0, len(data), 512):
         part = data.subset(np.arange(start, min(start + 512, len(data))))
-        feats = {s: runners[s].run(x=part.sensors[s].astype(np.float32))["feature"] for s in manifest.sensor_names}
-        fused = np.stack([fuse({s: f[i] for s, f in feats.items()}, manifest.sensor_names, manifest.edge_fusion)
+        outs = {s: runners[s].run(x=part.sensors[s].astype(np.float32)) for s in sensors}
+        fused = np.stack([fuse({s: o["feature"][i] for s, o in outs.items()}, sensors, manifest.edge_fusion)
                           for i in range(len(part))])
+        local.append(np.stack([fuse({s: o["scores"][i] for s, o in outs.items()}, sensors, manifest.local_fusion,
+                                    manifest.fusion_weights or None) for i in range(len(part))]))
         fused_parts.append(fused)
         targets.append(gateway.run(fused=fused)["edge_feature"])
-    return Frozen(np.concatenate(fused_parts).astype(np.float32), np.asarray(data.y), np.concatenate(targets))
+    return Frozen(np.concatenate(fused_parts).astype(np.float32), np.asarray(data.y), np.concatenate(targets),
+                  np.concatenate(local).astype(np.float32))
 
 
 def layout_for(manifest: Manifest, design: Design | tuple[Block, ...], nodes: int) -> Layout:
@@ -308,8 +326,9 @@ def add_fog(data: Dataset, bundle_dir: str | Path, options: ExportOptions, *, ep
     report = evaluate(model, frozen["test"])
     manifest = write_fog(out, manifest, model, frozen, chosen.name,
                          metrics={"fog_test_accuracy": report, "fog_train_seconds": round(time.perf_counter() - t0, 1)})
-    log.info("fog nodes %s (%s): test ensemble %.4f, node heads %s, each node lost %s; node FLOPs %s of dense %d",
-             [n.name for n in manifest.fog.nodes], chosen.name, report["ensemble"], report["node_heads"],
+    log.info("fog nodes %s (%s): test ensemble %.4f, edge answer %s, node heads %s, each node lost %s; "
+             "node FLOPs %s of dense %d", [n.name for n in manifest.fog.nodes], chosen.name, report["ensemble"],
+             report.get("edge_answer"), report["node_heads"],
              report["node_lost"], [manifest.shard(n.shard).flops for n in manifest.fog.nodes],
              manifest.fog.dense_flops)
     return manifest

@@ -30,7 +30,7 @@ from fogsplit.core.commands import parse_thresholds
 from fogsplit.core.errors import FrameError
 from fogsplit.core.exits import entropy_exit
 from fogsplit.core.frames import GONE, REQUEST, encode_events_frame, encode_forward_frame, to_slot
-from fogsplit.core.fusion import fuse
+from fogsplit.core.fusion import fuse, with_local
 from fogsplit.core.manifest import Manifest, expect_frames
 from fogsplit.core.metrics import Rate, Window, ages, ratio
 from fogsplit.core.results import EXIT_TIERS, make_result, parse_result
@@ -326,7 +326,8 @@ class GatewayLogic:
         return slices + (self._fog_decide(ev) if self.fog.ready(ev.event) else [])
 
     def _fog_decide(self, ev: Event) -> list[Action]:
-        """The ensemble of the nodes that answered; none: the gateway's own shard, degraded."""
+        """The ensemble of the nodes that answered, with the local exit's evidence; none: the
+        gateway's own shard, degraded."""
         got = self.fog.finish(ev.event)
         if not got.complete:
             self.stats.degraded += 1
@@ -336,8 +337,8 @@ class GatewayLogic:
             decision, edge_feature = edge_stage(self.runner, got.fused, self.thresholds["edge"])
             self.stats.shard_runs += 1
         else:
-            decision, edge_feature = Decision(got.logits, entropy_exit(got.logits, self.thresholds["edge"])), \
-                got.edge_feature
+            logits = got.logits if ev.local_logits is None else with_local(got.logits, ev.local_logits)
+            decision, edge_feature = Decision(logits, entropy_exit(logits, self.thresholds["edge"])), got.edge_feature
         return self._edge_outcome(ev, got.fused, got.devices, decision, edge_feature, nodes=got.nodes,
                                   degraded=not got.complete)
 

@@ -80,7 +80,7 @@ def test_joint_training_teaches_every_head_and_the_ensemble():
     data = frozen(192)
     model = train_edge(BlockEdge(layout()), data, epochs=6, seed=0)
     report = evaluate(model, data)
-    assert set(report) == {"ensemble", "full", "node_heads", "node_lost"}
+    assert set(report) == {"ensemble", "full", "node_heads", "node_lost", "node_lost_ensemble"}   # no local logits
     assert len(report["node_heads"]) == 3 and len(report["node_lost"]) == 3
     assert report["ensemble"] > 0.5 and min(report["node_heads"]) > 1 / CLASSES
     with torch.no_grad():
@@ -125,4 +125,6 @@ def test_add_fog_writes_node_shards_and_a_fog_section(bundle_dir, small_data, tm
     for node in fog.nodes:
         shard = bundle.manifest.shard(node.shard)
         assert shard.tier == "fog" and shard.flops <= fog.dense_flops / 3 and shard.params <= fog.dense_params / 3
-    assert set(m.metrics["fog_test_accuracy"]) == {"ensemble", "full", "node_heads", "node_lost"}
+    report = m.metrics["fog_test_accuracy"]
+    assert set(report) == {"ensemble", "full", "node_heads", "node_lost", "node_lost_ensemble", "edge_answer", "local"}
+    assert len(report["node_lost"]) == len(report["node_lost_ensemble"]) == len(m.fog.nodes)

@@ -207,3 +207,12 @@ def test_without_a_fog_section_the_gateway_runs_its_own_shard():
     event, actions = to_fog(logic, clock)
     assert isinstance(actions[0], Answer) and actions[0].result.nodes is None and len(runner.calls) == 1
     assert b"nodes" not in actions[0].result.to_json()
+
+
+def test_the_edge_answer_weighs_the_local_exit_in():
+    """A node lost: the answer is the remaining ensemble times the local exit's distribution."""
+    from fogsplit.core.fusion import log_softmax, with_local
+    ensemble, local = np.array([2.0, 1.0, 0.0]), np.array([0.0, 3.0, 0.0])
+    got = with_local(ensemble, local)
+    assert np.allclose(got, log_softmax(ensemble) + log_softmax(local), atol=1e-6)
+    assert got.argmax() == 1      # the local evidence tips an unsure ensemble
