@@ -104,6 +104,13 @@ def _trust_flags(bind: Binder) -> None:
     bind("allow_unsigned", "--allow-unsigned", on=True)
 
 
+def _served_flags(bind: Binder) -> None:
+    """What every tier that serves a bundle over MQTT takes: the bundle, the keys it trusts, the broker."""
+    bind("bundle", "--bundle")
+    _trust_flags(bind)
+    _broker_flags(bind)
+
+
 def _path(text: str) -> str:
     if not text:
         raise argparse.ArgumentTypeError("an empty path")
@@ -197,10 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     bind("export.progress", "--no-progress", on=False, help="no progress bars")
 
     p, bind = _role(sub, "device", "run a device agent: sensor -> device shard -> MQTT")
-    bind("bundle", "--bundle")
-    _trust_flags(bind)
+    _served_flags(bind)
     bind("name", "--device", name, help="sensor name in the bundle, e.g. cam0")
-    _broker_flags(bind)
     bind("cell", "--cell", name)
     bind("data", "--data")
     bind("split", "--split")
@@ -211,9 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     _cache_flags(bind, "device")
 
     p, bind = _role(sub, "gateway", "run the gateway (fog node) of one cell")
-    bind("bundle", "--bundle")
-    _trust_flags(bind)
-    _broker_flags(bind)
+    _served_flags(bind)
     bind("cell", "--cell", name)
     bind("name", "--name", name)
     bind("gateway.deadline_ms", "--deadline-ms", float)
@@ -226,17 +229,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p, bind = _role(sub, "fog", "run one fog node: its share of the edge part, for bundles exported with "
                     "--fog-nodes (docs/eddl.md)")
-    bind("bundle", "--bundle")
-    _trust_flags(bind)
-    _broker_flags(bind)
+    _served_flags(bind)
     bind("cell", "--cell", name)
     bind("node", "--node", int)
     bind("fog.threads", "--threads", int)
 
     p, bind = _role(sub, "cloud", "run a cloud worker (shares the forward topics with other workers)")
-    bind("bundle", "--bundle")
-    _trust_flags(bind)
-    _broker_flags(bind)
+    _served_flags(bind)
     bind("name", "--name", name)
     bind("raw", "--raw", on=True)
     bind("cloud.threads", "--threads", int)

@@ -84,11 +84,6 @@ class Dataset:
         """Each sensor's samples ``[N, C, ...]``, in sensor order."""
         return [self.sensors[k] for k in self.sensors]
 
-    def stacked(self) -> np.ndarray:
-        """All sensors as one array ``[N, K, ...]`` in sensor order (they must share one shape)."""
-        self.sample_shape  # noqa: B018 - names the sensors when their shapes differ
-        return np.stack(self.arrays(), axis=1)
-
 
 def make_dataset(sensors: dict[str, np.ndarray], y: np.ndarray, *,
                  split: np.ndarray | None = None, classes: list[str] | None = None,

@@ -236,9 +236,9 @@ class DeviceShard(nn.Module):
     series) becomes 0 after normalising: the channel's training mean.
     """
 
-    def __init__(self, spec: ModelSpec, sensor: str | None = None) -> None:
+    def __init__(self, spec: ModelSpec, sensor: str) -> None:
         super().__init__()
-        shape = spec.shape_of(sensor) if sensor is not None else spec.shapes[0]
+        shape = spec.shape_of(sensor)
         stats_shape = (1, shape[0], *([1] * (len(shape) - 1)))
         self.register_buffer("mean", torch.zeros(stats_shape))
         self.register_buffer("std", torch.ones(stats_shape))

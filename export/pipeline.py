@@ -26,7 +26,7 @@ from fogsplit.export.prune import DDNN_LAYERS, Compression, PruneUnit, bn_l1_pen
 from fogsplit.export.shards import ShardPlan, write_shard
 from fogsplit.export.split import prune_to_budget
 from fogsplit.export.fusion_weights import fit_fusion_weights, weighted_local
-from fogsplit.export.train import predict, train
+from fogsplit.export.train import logit_accuracy, predict, train
 
 log = logging.getLogger(__name__)
 SPARSITY = 1e-3     # L1 strength on the BatchNorm scales while training towards a pruning target
@@ -96,10 +96,11 @@ def export_bundle(data: Dataset, out_dir: str | Path, options: ExportOptions | N
     model.eval()
     codecs = calibrate_codecs(model, fit, options)
     val_logits = predict(model, val)
+    trained_local = val_logits["local"]
     weights = fit_fusion_weights(val_logits["device"], val.y) if options.fusion_weights else None
-    validation = validation_report(model, val, val_logits, weights)
     if weights is not None:
         val_logits["local"] = weighted_local(val_logits["device"], weights)
+    validation = validation_report(spec.sensors, val_logits, val.y, weights, trained_local)
     costs = wire_costs(spec, codecs)
     point = calibrate_thresholds(val_logits, val.y, max_accuracy_drop=options.max_accuracy_drop,
                                  feature_cost=costs["request"] + len(spec.sensors) * costs["feature"],
@@ -244,21 +245,17 @@ def calibrate_codecs(model: DDNN, data: Dataset, options: ExportOptions, limit: 
     return codecs
 
 
-def validation_report(model: DDNN, val: Dataset, val_logits: dict[str, np.ndarray],
-                      weights: np.ndarray | None) -> dict:
-    """Every exit's accuracy on validation (each device, local, edge, cloud), logged, and a
-    warning when a fused exit falls below the best single device."""
-    y = val.y
-    devices = (val_logits["device"].argmax(2) == y[:, None]).mean(0)
-    accuracy = {"device": {s: round(float(a), 4) for s, a in zip(model.spec.sensors, devices)}}
-    accuracy.update({tier: round(float((val_logits[tier].argmax(1) == y).mean()), 4) for tier in ("local", "edge", "cloud")})
+def validation_report(sensors: tuple[str, ...], val_logits: dict[str, np.ndarray], y: np.ndarray,
+                      weights: np.ndarray | None, trained_local: np.ndarray) -> dict:
+    """Every exit's accuracy on validation (each device, local, edge, cloud; the local exit as
+    the bundle fuses it), logged, and a warning when a fused exit falls below the best single
+    device."""
+    accuracy = logit_accuracy(val_logits, y, sensors)
     out = {"validation_exit_accuracy": accuracy}
     if weights is not None:
-        weighted = float((weighted_local(val_logits["device"], weights).argmax(1) == y).mean())
-        out["validation_local_accuracy"] = {"trained": accuracy["local"], "weighted": round(weighted, 4)}
-        accuracy["local"] = round(weighted, 4)
-        log.info("fusion weights learnt on validation: %s", ", ".join(
-            f"{s} {w:.2f}" for s, w in zip(model.spec.sensors, weights)))
+        trained = round(float((trained_local.argmax(1) == y).mean()), 4)
+        out["validation_local_accuracy"] = {"trained": trained, "weighted": accuracy["local"]}
+        log.info("fusion weights learnt on validation: %s", ", ".join(f"{s} {w:.2f}" for s, w in zip(sensors, weights)))
     log.info("validation accuracy (%d samples): %s; local %.4f, edge %.4f, cloud %.4f", len(y),
              ", ".join(f"{s} {a:.4f}" for s, a in accuracy["device"].items()),
              accuracy["local"], accuracy["edge"], accuracy["cloud"])
@@ -276,12 +273,10 @@ def test_metrics(model: DDNN, test: Dataset, local: float, edge: float,
     logits = predict(model, test)
     if weights is not None:
         logits["local"] = weighted_local(logits["device"], weights)
-    y = test.y
-    acc = {tier: round(float((logits[tier].argmax(1) == y).mean()), 4) for tier in ("local", "edge", "cloud")}
-    per_device = (logits["device"].argmax(2) == y[:, None]).mean(0)
-    cascade, fractions = simulate_cascade(logits, y, local, edge)
-    return {"test_exit_accuracy": acc,
-            "test_device_accuracy": {s: round(float(a), 4) for s, a in zip(model.spec.sensors, per_device)},
+    acc = logit_accuracy(logits, test.y, model.spec.sensors)
+    cascade, fractions = simulate_cascade(logits, test.y, local, edge)
+    return {"test_exit_accuracy": {tier: acc[tier] for tier in ("local", "edge", "cloud")},
+            "test_device_accuracy": acc["device"],
             "test_cascade_accuracy": round(cascade, 4),
             "test_exit_fraction": {k: round(float(v), 4) for k, v in fractions.items()}}
 

@@ -129,15 +129,18 @@ def _correct(exits: Exits, y: Tensor, present: Tensor) -> dict[str, tuple[int, i
     return counts
 
 
-def exit_accuracy(model: DDNN, data: Dataset) -> dict:
-    """Accuracy of every exit on ``data`` with every device present: ``device`` per sensor,
-    ``local``, ``edge``, ``cloud``."""
-    logits = predict(model, data)
-    hits = logits["device"].argmax(2) == data.y[:, None]
-    out: dict = {"device": {s: round(float(a), 4) for s, a in zip(model.spec.sensors, hits.mean(0))}}
-    out.update({tier: round(float((logits[tier].argmax(1) == data.y).mean()), 4)
-                for tier in ("local", "edge", "cloud")})
+def logit_accuracy(logits: dict[str, np.ndarray], y: np.ndarray, sensors: tuple[str, ...]) -> dict:
+    """Accuracy of every exit in ``logits`` (what :func:`predict` gives) on labels ``y``:
+    ``device`` per sensor, ``local``, ``edge``, ``cloud``."""
+    hits = logits["device"].argmax(2) == y[:, None]
+    out: dict = {"device": {s: round(float(a), 4) for s, a in zip(sensors, hits.mean(0))}}
+    out.update({tier: round(float((logits[tier].argmax(1) == y).mean()), 4) for tier in ("local", "edge", "cloud")})
     return out
+
+
+def exit_accuracy(model: DDNN, data: Dataset) -> dict:
+    """Accuracy of every exit on ``data`` with every device present."""
+    return logit_accuracy(predict(model, data), data.y, model.spec.sensors)
 
 
 def _val_score(accuracy: dict) -> float:
