@@ -135,39 +135,46 @@ def accounts(inventory: Inventory) -> list[Account]:
             for d in cell.devices:
                 out.append(Account(
                     f"{f}.{c}.{d}", "device", f"device {d} of cell {c} in fleet {f}",
-                    write=(*(f"{base}/device/{d}/{leaf}" for leaf in ("scores", "feature", "raw", "status", "stats")),
+                    write=(*(f"{base}/device/{d}/{leaf}" for leaf in ("scores", "feature", "late", "raw", "status",
+                                                                       "stats")),
                            f"{root}/model/cell/{c}/status/device/{d}", f"{root}/error"),
-                    read=(f"{base}/request", f"{base}/result", f"{base}/cmd/+", *_rollout_reads(root, c))))
+                    read=(f"{base}/request", f"{base}/ack", f"{base}/gateway/+/status", f"{base}/result",
+                          f"{base}/cmd/+", *_rollout_reads(root, c))))
             for g in cell.gateways:
                 out.append(Account(
                     f"{f}.{c}.{g}", "gateway", f"gateway {g} of cell {c} in fleet {f}",
-                    write=(f"{base}/request", f"{base}/forward", f"{base}/result", f"{base}/gateway/{g}/status",
-                           f"{base}/gateway/{g}/stats", f"{root}/model/cell/{c}/status/gateway/{g}",
+                    write=(f"{base}/request", f"{base}/ack", f"{base}/forward", f"{base}/result", f"{base}/replay/+",
+                           f"{base}/gateway/{g}/status", f"{base}/gateway/{g}/stats",
+                           f"{root}/model/cell/{c}/status/gateway/{g}",
                            f"{root}/error", f"{fleet.discovery_prefix}/+/{node}/+/config"),
-                    read=(*(f"{base}/device/+/{leaf}" for leaf in ("scores", "feature", "status")),
-                          f"{base}/cmd/+", f"{base}/result", *_rollout_reads(root, c))))
+                    read=(*(f"{base}/device/+/{leaf}" for leaf in ("scores", "feature", "late", "status")),
+                          f"{base}/cmd/+", f"{base}/cloud/result", f"{base}/replay", *_rollout_reads(root, c))))
         if fleet.cloud:
             out.append(Account(
                 f"{f}.cloud", "cloud", f"the cloud workers of fleet {f}",
-                write=(f"{root}/cell/+/result", f"{root}/cloud/+/status", f"{root}/cloud/+/stats",
+                write=(f"{root}/cell/+/cloud/result", f"{root}/cell/+/result", f"{root}/cloud/+/status",
+                       f"{root}/cloud/+/stats",
                        f"{root}/model/cell/+/status/cloud/+", f"{root}/error"),
                 read=(f"{root}/cell/+/forward", f"{root}/cell/+/device/+/raw", f"{root}/cell/+/device/+/status",
                       *_rollout_reads(root, "+"))))
         if fleet.operator:
             out.append(Account(
                 f"{f}.operator", "operator", f"the operators of fleet {f}",
-                write=(f"{root}/cell/+/cmd/+", f"{root}/model/cell/+/rollout", f"{root}/model/+/shard/+/+"),
+                write=(f"{root}/cell/+/cmd/+", f"{root}/cell/+/replay", f"{root}/model/cell/+/rollout",
+                       f"{root}/model/+/shard/+/+"),
                 read=(f"{root}/#", SYS_TOPICS,
                       *(f"{fleet.discovery_prefix}/+/{slug('fogsplit', f, c)}/+/config" for c in fleet.cells))))
         for site, cells in fleet.sites.items():
             name = f"{f}.{site}.bridge"
             up = [f"{root}/cell/{c}/{leaf}" for c in cells for leaf in (
-                "forward", "result", "device/+/status", "device/+/stats", "gateway/+/status", "gateway/+/stats")]
+                "forward", "result", "replay/+", "device/+/status", "device/+/stats", "gateway/+/status",
+                "gateway/+/stats")]
             out.append(Account(
                 name, "bridge", f"the bridge of site {site} ({', '.join(cells)}) in fleet {f}",
                 write=(*up, *(f"{root}/model/cell/{c}/status/+/+" for c in cells), f"{root}/error",
                        f"$SYS/broker/connection/{name}/state"),
-                read=(*(f"{root}/cell/{c}/cmd/+" for c in cells), *(f"{root}/model/cell/{c}/rollout" for c in cells),
+                read=(*(f"{root}/cell/{c}/{leaf}" for c in cells for leaf in ("cmd/+", "cloud/result", "replay")),
+                      *(f"{root}/model/cell/{c}/rollout" for c in cells),
                       f"{root}/model/+/shard/+/+")))
     return out
 

@@ -13,6 +13,7 @@ import argparse
 import importlib
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -41,7 +42,7 @@ from fogsplit.device.sources import ReplaySource
 
 log = logging.getLogger(__name__)
 
-BENCHES = ("comm", "prune", "cache", "broker", "device", "eddl", "data", "recipe")
+BENCHES = ("comm", "prune", "cache", "broker", "device", "eddl", "data", "recipe", "faults", "fuzz", "load", "soak")
 FORMATS = ("toml", "json")
 ONCE_S = 6.0   # long enough for a stats round of a gateway at its default period (5 s)
 
@@ -306,10 +307,24 @@ def load(args: argparse.Namespace) -> Loaded:
     return load_config(args.role, path=args.config, flags=flags)
 
 
-def _transport(broker: BrokerSettings, client_id: str) -> MqttTransport:
-    """The connection of a service; the service sets its own presence (birth and will) on it."""
+SESSION_EXPIRY_S = {"gateway": 300, "cloud": 300}
+
+
+def _transport(broker: BrokerSettings, client_id: str, role: str = "") -> MqttTransport:
+    """The connection of a service; the service sets its own presence (birth and will) on it.
+    The gateway and cloud workers keep a session at the broker while they restart (what comes
+    for them meanwhile waits there); the others start clean unless configured."""
+    expiry = broker.session_expiry_s if broker.session_expiry_s is not None else SESSION_EXPIRY_S.get(role, 0)
     return MqttTransport(broker.url, client_id, username=broker.username, password=broker.secret,
-                         keepalive=broker.keepalive, ca_file=broker.ca_file, protocol=broker.protocol)
+                         keepalive=broker.keepalive, ca_file=broker.ca_file, protocol=broker.protocol,
+                         session_expiry_s=expiry)
+
+
+def _state_file(config, name: str) -> str:
+    """Where a tier keeps its state when its config names no file: under ``$XDG_STATE_HOME``
+    (``~/.local/state``)/fogsplit, one file per fleet, cell and component."""
+    root = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state") / "fogsplit"
+    return str(root / f"{config.fleet}-{config.cell}-{name}")
 
 
 def _wait_for_signal() -> None:
@@ -446,6 +461,8 @@ def cmd_device(args) -> int:
     config = load(args).config
     samples = _replay_samples(config, config.name)
     topics, s = Topics(config.fleet), config.device
+    if s.spool is None and s.delivery == "reliable" and s.policy != "raw":
+        s = msgspec.structs.replace(s, spool=_state_file(config, f"{config.name}.spool.sqlite"))
     trust = _trust(config)
     probe = load_bundle(config.bundle, shards=[], **trust)
     shards = [] if s.policy == "raw" else [probe.manifest.device_shard(config.name).name]
@@ -465,9 +482,12 @@ def cmd_gateway(args) -> int:
     trust = _trust(config)
     bundle = rollout_command.load_or_stored(config, ["gateway"], trust)
     _log_bundle(config, bundle)
-    transport = _transport(config.broker, f"{config.fleet}-{config.cell}-{config.name}")
+    transport = _transport(config.broker, f"{config.fleet}-{config.cell}-{config.name}", "gateway")
     from fogsplit.gateway.gateway import Gateway
-    gateway = Gateway(transport, topics, bundle, cell=config.cell, gateway=config.name, settings=config.gateway,
+    settings = config.gateway
+    if settings.journal is None:
+        settings = msgspec.structs.replace(settings, journal=_state_file(config, f"{config.name}.journal.sqlite"))
+    gateway = Gateway(transport, topics, bundle, cell=config.cell, gateway=config.name, settings=settings,
                       **rollout_command.rollout_kwargs(config, trust))
     return _serve(transport, gateway, health=config.health)
 
@@ -493,7 +513,7 @@ def cmd_cloud(args) -> int:
     bundle = load_bundle(config.bundle, shards=None, **trust) if config.raw else \
         rollout_command.load_or_stored(config, ["cloud"], trust)
     _log_bundle(config, bundle)
-    transport = _transport(config.broker, f"{config.fleet}-{config.name}")
+    transport = _transport(config.broker, f"{config.fleet}-{config.name}", "cloud")
     from fogsplit.cloud.worker import CloudWorker, RawOffload
     worker = RawOffload(transport, topics, bundle, settings=config.cloud) if config.raw else \
         CloudWorker(transport, topics, bundle, worker=config.name, settings=config.cloud,

@@ -76,7 +76,7 @@ def stream_test_set(url: str, bundle: Bundle, test: Dataset, *, policy: str = "r
     cache benchmark emulates a WAN with it).
     """
     topics = Topics(fleet)
-    meter = WireMeter()
+    meter = WireMeter(max_events=1_000_000)
     run = f"{policy}{int(time.time() * 1000) % 100000}"
     transports: list[MqttTransport] = []
 

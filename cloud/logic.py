@@ -1,7 +1,9 @@
 """The cloud tier as plain objects: forwarded events (or raw samples) in, results out.
 
 :class:`CloudLogic` runs the last shard on the events no lower tier could answer; workers are
-stateless, so any number of them share the forward topics. :class:`RawOffloadLogic` is the
+stateless, so any number of them share the forward topics. Its answer goes back to the cell's
+gateway (``cloud_result``), which publishes the event's one result: a forward sent twice (the
+gateway's retry, or the broker's redelivery to another worker) may be answered twice here. :class:`RawOffloadLogic` is the
 baseline fogsplit is measured against: devices send raw samples and the whole network runs
 here. No MQTT and no threads: the services in cloud/worker.py publish what these return.
 """
@@ -72,7 +74,7 @@ class CloudLogic:
                              now=self.clock.time())
         self.answered += 1
         self.latency.add(result.latency_ms)
-        return [Answer(cell_of(msg.topic), result)]
+        return [Answer(cell_of(msg.topic), result, kind="cloud_result")]
 
     def snapshot(self, worker: str) -> CloudStats:
         """The counters now, the rate since the last snapshot; the service adds refused and inbox."""

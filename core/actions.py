@@ -16,10 +16,12 @@ from fogsplit.core.results import Result
 
 @dataclass(frozen=True, slots=True)
 class Answer:
-    """An event's one result, for the cell's result topic."""
+    """An event's one result, for the cell's result topic (a cloud worker's, for the gateway's
+    ``cloud_result`` topic)."""
 
     cell: str
     result: Result
+    kind: str = "result"
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,11 +19,17 @@ class Event:
     captured: float                    # earliest capture time (epoch seconds) of its frames
     deadline: float
     parts: dict[str, np.ndarray] = field(default_factory=dict)
-    stage: str = "scores"              # what is being collected: "scores", then "features"
+    stage: str = "scores"              # "scores", "features", "fog", then "cloud" (waiting for its answer)
     waiting_for: frozenset[str] = frozenset()
     features: dict[str, np.ndarray] = field(default_factory=dict)
     local_logits: np.ndarray | None = None
     votes: dict[str, int | None] = field(default_factory=dict)   # each device's cache vote, if it has a cache
+    late_s: float | None = None        # opened by a replayed frame: how long after its capture
+    forward: bytes | None = None       # stage "cloud": the frame forwarded, sent again if unanswered
+    tries: int = 0                     # forwards so far
+    edge_logits: np.ndarray | None = None
+    answered_by: list[str] = field(default_factory=list)        # the devices whose features made the edge answer
+    nodes: list[str] | None = None
 
     @property
     def devices(self) -> list[str]:

@@ -16,6 +16,11 @@ gone        ``device/{d}/feature``     ``[tag, [slot, ...]]``: features no longe
 raw         ``device/{d}/raw``         ``[tag, slot, sample]``
 request     ``request``                ``[tag, [slot, ...], device_mask]``
 forward     ``forward``                ``[tag, event, captured, device_mask, edge_feature]``
+late        ``device/{d}/late``        ``[tag, event, captured, scores, feature]``, may
+                                       end with ``vote``: a replay from the device's
+                                       spool (docs/reliability.md)
+ack         ``ack``                    ``[tag, first_event, [offset, ...]]``: events the
+                                       cell has answered for good
 ==========  =========================  ==============================================
 
 - The sender is the device in the topic, the kind is the topic's leaf.
@@ -28,6 +33,8 @@ forward     ``forward``                ``[tag, event, captured, device_mask, edg
 - Tensors are payload bytes only: codec, calibration and shape come from the manifest, and
   the decoder checks the length against them.
 - ``device_mask`` is a bitmask over the manifest's sensor order.
+- A late frame and an ack carry full event ids: a replay may come hours after its capture,
+  when a 16-bit slot no longer names one event.
 
 Decoding checks everything a hostile or broken sender could get wrong and raises
 :class:`FrameError` naming the rule, so a tier can report the frame and go on serving.
@@ -53,11 +60,14 @@ SLOT_MOD = 1 << SLOT_BITS
 
 SCORES, FEATURE, REQUEST, FORWARD, RAW, GONE = "s", "f", "q", "w", "r", "g"
 FOG_SLICE, FOG_ANSWER = "l", "a"     # gateway -> fog node, fog node -> gateway (docs/eddl.md)
+LATE, ACK = "t", "k"                 # device spool replay -> gateway, gateway -> devices (docs/reliability.md)
+MAX_ACKS = 4096
 KINDS = {SCORES: "scores", FEATURE: "feature", REQUEST: "request", FORWARD: "forward",
-         RAW: "raw", GONE: "gone", FOG_SLICE: "fog slice", FOG_ANSWER: "fog answer"}
+         RAW: "raw", GONE: "gone", FOG_SLICE: "fog slice", FOG_ANSWER: "fog answer", LATE: "late", ACK: "ack"}
 TENSOR_KINDS = (SCORES, FEATURE, FORWARD, RAW)
 LEAF_KINDS = {"scores": (SCORES,), "feature": (FEATURE, GONE), "raw": (RAW,), "request": (REQUEST,),
-              "forward": (FORWARD,), "slice": (FOG_SLICE,), "answer": (FOG_ANSWER,)}
+              "forward": (FORWARD,), "slice": (FOG_SLICE,), "answer": (FOG_ANSWER,), "late": (LATE,),
+              "ack": (ACK,)}
 
 
 def frame_tag(model_id: str) -> int:
@@ -149,6 +159,23 @@ def encode_events_frame(kind: str, *, model: str, events: list[int], devices: tu
     return _pack([frame_tag(model), slots])
 
 
+def encode_late_frame(*, model: str, event: int, captured: float, scores: bytes, feature: bytes | None,
+                      vote: int | None = None) -> bytes:
+    """A device's replay of an event from its spool: full id and capture time, and the scores
+    and feature as they were encoded at capture (a late event is answered without a request)."""
+    body = [frame_tag(model), int(event), float(captured), scores, feature]
+    if vote is not None:
+        body.append(int(vote))
+    return _pack(body)
+
+
+def encode_ack_frame(*, model: str, events: list[int]) -> bytes:
+    """The gateway's word that ``events`` are answered for good: the devices drop them from their
+    spools. Ids as offsets from the first, so an ack of a run of events costs about a byte each."""
+    ordered = sorted(set(int(e) for e in events))
+    return _pack([frame_tag(model), ordered[0], [e - ordered[0] for e in ordered[1:]]])
+
+
 def encode_forward_frame(*, model: str, event: int, captured: float, devices: tuple[str, ...],
                          sensors: tuple[str, ...], tensor: np.ndarray, codec: CodecSpec) -> bytes:
     """The gateway's hand-over to the cloud: full event id and capture time, since the cloud
@@ -211,6 +238,15 @@ def _check(body: object, leaf: str, expect: Expect, device: str | None = None) -
             return Frame(kind=kind, event=body[1], tensor=_check_tensor(body[2], FOG_SLICE, expect))
         return Frame(kind=kind, event=body[1], tensor=_check_tensor(body[2], SCORES, expect),
                      feature=_check_tensor(body[3], FOG_ANSWER, expect))
+    if kind == LATE:
+        return _check_late(body, expect)
+    if kind == ACK:
+        _need_len(body, (3,), kind)
+        first, offsets = body[1], body[2]
+        if not _is_event_id(first) or not isinstance(offsets, list) or len(offsets) > MAX_ACKS or not all(
+                isinstance(o, int) and not isinstance(o, bool) and 0 < o <= MAX_EVENT_ID - first for o in offsets):
+            raise FrameError("event", "an ack lists a first event id and positive offsets from it")
+        return Frame(kind=ACK, event=first, events=(first, *(first + o for o in offsets)))
     if kind == REQUEST:
         _need_len(body, (3,), kind)
         return Frame(kind=REQUEST, events=_check_slots(body[1], "request"),
@@ -235,6 +271,18 @@ def _check(body: object, leaf: str, expect: Expect, device: str | None = None) -
         raise FrameError("layout", "a scores frame carries at most a feature and a cache vote after the scores")
     feature = _check_tensor(extra[0], FEATURE, expect) if extra else None
     return Frame(kind=kind, slot=slot, tensor=tensor, feature=feature, vote=vote)
+
+
+def _check_late(body: list, expect: Expect) -> Frame:
+    _need_len(body, (5, 6), LATE)
+    _, event, captured, scores, feature = body[:5]
+    if not _is_event_id(event):
+        raise FrameError("event", f"event id {event!r} is not a non-negative integer")
+    if not isinstance(captured, float) or not math.isfinite(captured) or captured < 0:
+        raise FrameError("time", f"capture time {captured!r} is not a finite non-negative number")
+    vote = _check_vote(body[5], expect) if len(body) == 6 else None
+    return Frame(kind=LATE, event=event, captured=captured, tensor=_check_tensor(scores, SCORES, expect),
+                 feature=None if feature is None else _check_tensor(feature, FEATURE, expect), vote=vote)
 
 
 def _check_vote(vote: object, expect: Expect) -> int:

@@ -121,7 +121,7 @@ class LoopbackTransport:
         self._lock = threading.Lock()
         self._connected = False
         self._routes: dict[str, Handler] = {}
-        self._queued: list[tuple[str, bytes, bool, tuple[int, ...]]] = []
+        self._queued: list[tuple[str, bytes, bool, tuple[int, ...], Callable[[], None] | None]] = []
         self._presence: tuple[str, Callable[[], bytes], bytes] | None = None
         self._listeners: list[Callable[[], None]] = []
         self._stats = dict.fromkeys(STATS_KEYS, 0)
@@ -155,8 +155,8 @@ class LoopbackTransport:
             self._subscribe(topic_filter, handler)
         for listener in self._listeners:
             listener()
-        for topic, payload, retain, events in queued:
-            self.publish(topic, payload, qos=1, retain=retain, events=events)
+        for topic, payload, retain, events, on_sent in queued:
+            self.publish(topic, payload, qos=1, retain=retain, events=events, on_sent=on_sent)
         return self
 
     reconnect = connect
@@ -180,8 +180,9 @@ class LoopbackTransport:
             self.broker._publish(self._presence[0], self._presence[2], retain=True)
 
     def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False,
-                events: Iterable[int] = ()) -> int:
-        """Publish; return the size of the PUBLISH packet (0 if dropped while offline)."""
+                events: Iterable[int] = (), on_sent: Callable[[], None] | None = None) -> int:
+        """Publish; return the size of the PUBLISH packet (0 if dropped while offline).
+        ``on_sent`` is called once the packet is delivered to the broker."""
         if not topic or "+" in topic or "#" in topic:
             raise ValueError(f"cannot publish to {topic!r}")
         events = tuple(events)
@@ -190,7 +191,7 @@ class LoopbackTransport:
             if not online:
                 self._stats["queued_offline" if qos > 0 else "dropped_offline"] += 1
                 if qos > 0:
-                    self._queued.append((topic, bytes(payload), retain, events))
+                    self._queued.append((topic, bytes(payload), retain, events, on_sent))
             else:
                 self._stats["sent"] += 1
         size = publish_packet_size(topic, len(payload), qos)
@@ -198,6 +199,8 @@ class LoopbackTransport:
             return size if qos > 0 else 0
         self.meter.charge(topic, size, events)
         self.broker._publish(topic, bytes(payload), retain)
+        if on_sent is not None:
+            on_sent()
         return size
 
     def subscribe(self, topic_filter: str, handler: Handler) -> None:

@@ -120,6 +120,7 @@ class _Sent:
     size: int
     qos: int
     events: tuple[int, ...]
+    on_sent: Callable[[], None] | None = None
 
 
 class _SubAcks:
@@ -162,7 +163,7 @@ class MqttTransport:
     def __init__(self, url: str | BrokerURL, client_id: str, *, username: str | None = None,
                  password: str | None = None, will: tuple[str, bytes] | None = None,
                  meter: WireMeter | None = None, keepalive: int = 15, ca_file: str | None = None,
-                 protocol: str = "auto") -> None:
+                 protocol: str = "auto", session_expiry_s: int = 0) -> None:
         if protocol not in PROTOCOLS:
             raise ValueError(f"MQTT protocol {protocol!r} is not one of {PROTOCOLS}")
         self.url = parse_broker_url(url) if isinstance(url, str) else url
@@ -172,6 +173,10 @@ class MqttTransport:
         self._username = username if username is not None else self.url.username
         self._password = password if username is not None or password is not None else self.url.password
         self._will, self._ca_file, self._keepalive = will, ca_file, keepalive
+        self.session_expiry_s = session_expiry_s
+        self.session_present = False      # the broker resumed this client's session on the last connect
+        self._failed_publishes: dict[str, int] = {}
+        self._failure_logged_at = -REFUSED_DELAY_S
         self._birth: tuple[str, Callable[[], bytes]] | None = None
         self._listeners: list[Callable[[], None]] = []
         self._routes: dict[str, Handler] = {}
@@ -232,7 +237,7 @@ class MqttTransport:
     def _make_client(self, *, mqtt5: bool) -> paho.Client:
         client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=self.client_id,
                              protocol=paho.MQTTv5 if mqtt5 else paho.MQTTv311,
-                             clean_session=None if mqtt5 else True)
+                             clean_session=None if mqtt5 else self.session_expiry_s == 0)
         client.max_queued_messages_set(10000)
         if self._username:
             client.username_pw_set(self._username, self._password)
@@ -291,7 +296,12 @@ class MqttTransport:
         self._refusal = None
         try:
             if self.mqtt5:
-                self._client.connect(self.url.host, self.url.port, keepalive=self._keepalive, clean_start=True)
+                properties = None
+                if self.session_expiry_s:
+                    properties = Properties(PacketTypes.CONNECT)
+                    properties.SessionExpiryInterval = self.session_expiry_s
+                self._client.connect(self.url.host, self.url.port, keepalive=self._keepalive,
+                                     clean_start=self.session_expiry_s == 0, properties=properties)
             else:
                 self._client.connect(self.url.host, self.url.port, keepalive=self._keepalive)
         except OSError as exc:
@@ -312,7 +322,7 @@ class MqttTransport:
 
     # -- publishing -----------------------------------------------------------------------
     def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False,
-                events: Iterable[int] = ()) -> int:
+                events: Iterable[int] = (), on_sent: Callable[[], None] | None = None) -> int:
         """Publish and return the packet's size on the wire (0 for a QoS 0 packet dropped
         because the transport is offline). QoS 0 packets travel under a topic alias when the
         broker grants aliases; QoS 1 never does: a resent packet would outlive the connection
@@ -344,14 +354,28 @@ class MqttTransport:
             self._count("dropped_offline")
             return 0
         if info.rc not in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN):
-            log.warning("%s: publish to %s failed: %s", self.client_id, topic, paho.error_string(info.rc))
+            self._publish_failed(topic, paho.error_string(info.rc))
             return 0
         if qos > 0 and (info.rc == paho.MQTT_ERR_NO_CONN or not online):
             self._count("queued_offline")
         size = publish_packet_size(sent_topic, len(payload), qos, mqtt5=self.mqtt5,
                                    properties_len=ALIAS_PROPERTY_BYTES if properties is not None else 0)
-        self._expect_sent(info.mid, _Sent(topic, size, qos, events))
+        self._expect_sent(info.mid, _Sent(topic, size, qos, events, on_sent))
         return size
+
+    def _publish_failed(self, topic: str, why: str) -> None:
+        """Count a publish paho refused (its queue full); log the counts at most every
+        ``REFUSED_DELAY_S``, not one line per packet."""
+        now = time.monotonic()
+        with self._lock:
+            self._stats["failed_publishes"] += 1
+            key = f"{topic_kind(topic)}: {why}"
+            self._failed_publishes[key] = self._failed_publishes.get(key, 0) + 1
+            if now - self._failure_logged_at < REFUSED_DELAY_S:
+                return
+            self._failure_logged_at, counts, self._failed_publishes = now, self._failed_publishes, {}
+        log.warning("%s: publishes failed since the last report: %s", self.client_id,
+                    ", ".join(f"{n} on {key}" for key, n in counts.items()))
 
     def _expect_sent(self, mid: int, sent: _Sent) -> None:
         with self._pending_lock:
@@ -401,6 +425,8 @@ class MqttTransport:
     def _charge(self, sent: _Sent) -> None:
         self.meter.charge(sent.topic, sent.size, sent.events)
         self._count("sent")
+        if sent.on_sent is not None:
+            self._guard("sent callback", sent.on_sent)
 
     def _count(self, key: str) -> None:
         with self._lock:
@@ -471,6 +497,7 @@ class MqttTransport:
             log.error("%s: broker %s refused the connection: %s", self.client_id, self.url, reason_code)
             return
         self._refusal = None
+        self.session_present = bool(getattr(flags, "session_present", False))
         self._network_thread = threading.get_ident()
         self._backoff.reset()
         with self._publish_lock:
@@ -495,7 +522,8 @@ class MqttTransport:
         if down is None:
             log.info("%s: connected to %s (MQTT %s)", self.client_id, self.url, "5" if self.mqtt5 else "3.1.1")
         else:
-            log.info("%s: reconnected to %s after %.2fs", self.client_id, self.url, down)
+            log.info("%s: reconnected to %s after %.2fs (session %s)", self.client_id, self.url, down,
+                     "resumed" if self.session_present else "new")
         if self._birth is not None:
             self._guard("birth message", lambda: self.publish(self._birth[0], self._birth[1](), qos=1, retain=True))
         subs = {}

@@ -10,6 +10,7 @@ from fogsplit.core.errors import FrameError
 from fogsplit.core.exits import softmax
 
 EXIT_TIERS = ("local", "edge", "cloud", "cache")  # cache: answered from a semantic cache (docs/cache.md)
+OPTIONAL = ("nodes", "late_s", "reason")           # left out of the JSON when unset
 
 
 @dataclass(frozen=True)
@@ -25,12 +26,18 @@ class Result:
     model: str
     degraded: bool = False
     nodes: list[str] | None = None   # the fog nodes whose answers made an edge exit (docs/eddl.md)
+    late: bool = False               # the event reached the gateway by a replay from a device's spool
+    late_s: float | None = None      # how long after its capture the gateway first heard of it
+    reason: str | None = None        # why the answer is degraded (docs/reliability.md)
 
     def to_json(self) -> bytes:
         body = asdict(self)
         body["class"] = body.pop("cls")
-        if body["nodes"] is None:
-            body.pop("nodes")
+        for key in OPTIONAL:
+            if body[key] is None:
+                body.pop(key)
+        if not body["late"]:
+            body.pop("late")
         return json.dumps(body).encode()
 
     @classmethod
@@ -54,11 +61,12 @@ def parse_result(payload: bytes, topic: str | None = None) -> Result:
 
 def make_result(logits: np.ndarray, *, event: int, exit: str, classes: tuple[str, ...] | list[str],
                 devices: list[str], captured: float, model: str, now: float, degraded: bool = False,
-                nodes: list[str] | None = None) -> Result:
+                nodes: list[str] | None = None, late_s: float | None = None, reason: str | None = None) -> Result:
     """The result of ``event`` answered at ``now`` (epoch seconds) from ``logits``."""
     p = softmax(np.asarray(logits, dtype=np.float64))
     label = int(np.argmax(p))
     return Result(event=event, label=label, cls=classes[label], confidence=round(float(p[label]), 4),
                   exit=exit, devices=list(devices), captured=captured,
                   latency_ms=round((now - captured) * 1000.0, 3), model=model,
-                  degraded=degraded, nodes=None if nodes is None else list(nodes))
+                  degraded=degraded, nodes=None if nodes is None else list(nodes), late=late_s is not None,
+                  late_s=None if late_s is None else round(late_s, 3), reason=reason)

@@ -6,6 +6,11 @@ and publishes the actions the logic returns on the topics the topic table names.
 that raises never stops the service: a refused frame goes to the error topic and the log,
 anything unexpected is logged with its traceback.
 
+Refused frames are reported without amplifying a flood: the first refusal of each rule in a
+``REPORT_EVERY_S`` interval is logged and published on the error topic in full; the others of
+that interval are only counted, and reported as one line and one message with the count when
+the interval ends. A flood of bad frames costs at most one report per rule per interval.
+
 Bounds: the inbox holds at most ``inbox`` messages. When it is full a newly arrived message is
 dropped (drop-newest: the messages already queued are older and closer to their deadlines),
 counted in ``inbox_dropped`` (published in the component's stats) and logged at most once per
@@ -28,7 +33,7 @@ from fogsplit.core.topics import TOPICS, Topics
 from fogsplit.core.transport import Message, Transport
 
 LOG_EVERY_S = 10.0
-_WAKE = object()
+REPORT_EVERY_S = 10.0
 
 Handler = Callable[[Message], "Iterable[Action] | None"]
 
@@ -54,6 +59,10 @@ class Service:
         self._status: tuple[str, str, bytes] | None = None
         self.refused = 0
         self.inbox_dropped = 0
+        self.waited_s = 0.0          # how long the item in hand waited in the inbox
+        self._reported_at: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
+        self.every(REPORT_EVERY_S, self._report_suppressed)
 
     # -- wiring ---------------------------------------------------------------------------
     def route(self, topic_filter: str, handler: Handler) -> None:
@@ -111,7 +120,7 @@ class Service:
             if isinstance(action, Answer):
                 # The answer itself is charged to no event: bytes per event count what it takes
                 # to reach an answer, the same for every system compared (docs/communication.md).
-                self.send("result", self.topics.result(action.cell), action.result.to_json())
+                self.send(action.kind, self.topics.topic(action.kind, cell=action.cell), action.result.to_json())
             elif isinstance(action, RequestFeatures):
                 self.send("request", self.topics.request(action.cell), action.payload, action.events)
             elif isinstance(action, Forward):
@@ -125,12 +134,26 @@ class Service:
                 raise TypeError(f"unknown action {action!r}")
 
     def refuse(self, err: FrameError) -> None:
-        """Report a refused frame on the error topic and in the log."""
+        """Count a refused frame; report it on the error topic and in the log unless its rule
+        was reported less than ``REPORT_EVERY_S`` ago (then it joins the interval's count)."""
         self.refused += 1
+        now = self.clock.monotonic()
+        if now - self._reported_at.get(err.rule, -REPORT_EVERY_S) < REPORT_EVERY_S:
+            self._suppressed[err.rule] = self._suppressed.get(err.rule, 0) + 1
+            return
+        self._reported_at[err.rule] = now
         report = {"by": self.name, **err.as_report()}
         self.log.warning("%s: refused frame on %s from %s event %s: %s", self.name, err.topic,
                          err.device, err.event, err)
         self.send("error", self.topics.error, json.dumps(report).encode())
+
+    def _report_suppressed(self) -> None:
+        counts, self._suppressed = self._suppressed, {}
+        for rule, count in counts.items():
+            self.log.warning("%s: %d more frames refused by rule %r in the last %.0fs (first one reported above)",
+                             self.name, count, rule, REPORT_EVERY_S)
+            self.send("error", self.topics.error, json.dumps(
+                {"by": self.name, "rule": rule, "count": count, "interval_s": REPORT_EVERY_S}).encode())
 
     # -- hooks for subclasses -------------------------------------------------------------
     def next_timer(self) -> float | None:
@@ -175,7 +198,7 @@ class Service:
 
     def _enqueue(self, item: tuple) -> bool:
         try:
-            self._inbox.put_nowait(item)
+            self._inbox.put_nowait((*item, time.monotonic()))
             return True
         except queue.Full:
             self.inbox_dropped += 1
@@ -188,7 +211,7 @@ class Service:
 
     def _wake(self) -> None:
         try:
-            self._inbox.put_nowait((None, ()))
+            self._inbox.put_nowait((None, (), 0.0))
         except queue.Full:
             pass   # the loop is busy and will see the stop flag after the item in hand
 
@@ -201,7 +224,8 @@ class Service:
             due = [t for t in (self.next_timer(), *(j[1] for j in self._jobs)) if t is not None]
             wait = max(0.0, min(due) - now) if due else 0.5
             try:
-                fn, args = self._inbox.get(timeout=min(wait, 0.5))
+                fn, args, queued_at = self._inbox.get(timeout=min(wait, 0.5))
+                self.waited_s = time.monotonic() - queued_at
             except queue.Empty:
                 fn, args = None, ()
             if fn is not None and not self._stopping.is_set():

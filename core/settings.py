@@ -99,6 +99,27 @@ class GatewaySettings(Settings, frozen=True):
                              pattern=r"^[A-Za-z0-9_-]{1,64}(/[A-Za-z0-9_-]{1,64}){0,3}$") = "homeassistant"
     fog_deadline_ms: _field(float, "milliseconds to wait for the fog nodes' answers (bundles with fog "
                                    "nodes, docs/eddl.md)", **_DEADLINE) = 200.0
+    delivery: _field(Delivery, "reliable: ack every answered event to the devices and journal the answers; "
+                               "lean: neither (docs/reliability.md)") = "reliable"
+    journal: _field(str, "SQLite file of the answered events (survives a crash: no event is answered "
+                         "twice); unset: kept in memory only", min_length=1) | None = None
+    journal_max: _field(int, "answers the journal keeps; the oldest go first", ge=16, le=100_000_000) = 1_000_000
+    replay_window_s: _field(float, "seconds a late (replayed) event may come after its capture; older "
+                                   "frames are refused, answers are journaled this long", gt=0,
+                            le=30 * 86400) = 3600.0
+    max_skew_s: _field(float, "seconds a capture time may lie ahead of this gateway's clock before its "
+                              "frame is refused as from the future", gt=0, le=3600) = 2.0
+    ack_period_ms: _field(float, "milliseconds between two acks to the devices", gt=0, le=60_000) = 50.0
+    cloud_deadline_ms: _field(float, "milliseconds to wait for the cloud's answer before forwarding again",
+                              **_DEADLINE) = 2000.0
+    cloud_tries: _field(int, "forwards of one event before it is answered from the edge exit, degraded",
+                        ge=1, le=100) = 3
+    shed_after_ms: _field(float, "a frame that waited this long in the inbox sheds its event to the local "
+                                 "exit, degraded and counted (overload, docs/reliability.md)",
+                          **_DEADLINE) = 1000.0
+
+
+Delivery = Literal["reliable", "lean"]
 
 
 class FogSettings(Settings, frozen=True):
@@ -114,6 +135,16 @@ class DeviceSettings(Settings, frozen=True):
     policy: _field(Literal["request", "eager", "raw"],
                    "request: features on demand; eager: with the scores; raw: raw samples") = "request"
     rate: _field(float, "captures per second", gt=0, le=10_000) = 10.0
+    delivery: _field(Delivery, "reliable: hold every event in the spool until the gateway acks it, replay "
+                               "what was not; lean: send once (docs/reliability.md)") = "reliable"
+    spool: _field(str, "SQLite file of the spool (survives a restart and a power cut); unset: memory only "
+                       "(fogsplit device sets one under its state directory)", min_length=1) | None = None
+    spool_max_bytes: _field(int, "bound on the spool's frames in bytes; when full the oldest event is "
+                                 "dropped and counted", ge=4096, le=1 << 40) = 64 << 20
+    spool_max_age_s: _field(float, "seconds an unacked event is kept and replayed; then dropped and counted",
+                            gt=0, le=30 * 86400) = 3600.0
+    reoffer_s: _field(float, "seconds without an ack before an event is replayed (then doubling to 30 s)",
+                      gt=0, le=3600) = 3.0
     feature_ttl_s: _field(float, "seconds a feature is kept for the gateway to request", gt=0, le=3600) = 10.0
     keep_features: _field(int, "features kept for the gateway to request", ge=1, le=1_000_000) = 1024
     threads: _field(int, "onnxruntime threads of the device shard", **_THREADS) = 1
@@ -178,6 +209,9 @@ class BrokerSettings(Settings, frozen=True):
                     min_length=1) | None = None
     keepalive: _field(int, "seconds between MQTT keep-alives", ge=5, le=3600) = 15
     protocol: _field(Literal["auto", "5", "3.1.1"], "MQTT version; auto: 5, else 3.1.1") = "auto"
+    session_expiry_s: _field(int, "seconds the broker keeps this client's session (subscriptions and QoS 1 "
+                                  "messages) while it is away; 0: a clean session (default: 300 for the "
+                                  "gateway and cloud workers, 0 for devices)", ge=0, le=2**32 - 1) | None = None
 
     def check(self) -> None:
         parts = urlsplit(self.url)

@@ -33,11 +33,24 @@ TOPICS: dict[str, TopicKind] = {t.kind: t for t in (
     TopicKind("feature", "cell/{cell}/device/{device}/feature", 0, False, "msgpack frame", "device", "gateway"),
     TopicKind("raw", "cell/{cell}/device/{device}/raw", 0, False, "msgpack frame", "device", "cloud (raw offload)"),
     TopicKind("request", "cell/{cell}/request", 0, False, "msgpack frame", "gateway", "devices of the cell"),
+    # Reliable delivery (docs/reliability.md): a device holds each event in its spool until the
+    # gateway acks it, and replays what was not acked. Acks are QoS 0: a lost ack costs one
+    # replay, which is acked again. Replays are QoS 1: they are what an outage left behind.
+    TopicKind("ack", "cell/{cell}/ack", 0, False, "msgpack frame", "gateway", "devices of the cell"),
+    TopicKind("late", "cell/{cell}/device/{device}/late", 1, False, "msgpack frame", "device", "gateway"),
     # Hand-overs and answers: QoS 1, full topics (an alias could outlive its connection).
     TopicKind("forward", "cell/{cell}/forward", 1, False, "msgpack frame", "gateway",
               "cloud workers ($share/cloud/...)"),
-    TopicKind("result", "cell/{cell}/result", 1, False, "JSON", "gateway, cloud",
+    TopicKind("result", "cell/{cell}/result", 1, False, "JSON", "gateway",
               "applications, the cell's caches"),
+    # The cloud answers the gateway, which publishes the one result of the event: re-forwards
+    # and redeliveries may make a worker answer twice, the gateway's journal says it once.
+    TopicKind("cloud_result", "cell/{cell}/cloud/result", 1, False, "JSON", "cloud", "the cell's gateway"),
+    # An application that lost its session (a broker restarted without it) asks the gateway for
+    # the results it may have missed; they come on its own reply topic.
+    TopicKind("replay", "cell/{cell}/replay", 1, False, "JSON", "applications", "the cell's gateway"),
+    TopicKind("replay_reply", "cell/{cell}/replay/{client}", 1, False, "JSON", "the cell's gateway",
+              "the application that asked"),
     # Presence: retained, so a tier that starts later learns who is there; the will sets offline.
     TopicKind("device_status", "cell/{cell}/device/{device}/status", 1, True, "JSON", "device",
               "gateway, raw offload, operators"),
@@ -116,6 +129,21 @@ class Topics:
 
     def result(self, cell: str) -> str:
         return self.topic("result", cell=cell)
+
+    def ack(self, cell: str) -> str:
+        return self.topic("ack", cell=cell)
+
+    def late(self, cell: str, device: str) -> str:
+        return self.topic("late", cell=cell, device=device)
+
+    def cloud_result(self, cell: str) -> str:
+        return self.topic("cloud_result", cell=cell)
+
+    def replay(self, cell: str) -> str:
+        return self.topic("replay", cell=cell)
+
+    def replay_reply(self, cell: str, client: str) -> str:
+        return self.topic("replay_reply", cell=cell, client=client)
 
     def gateway_status(self, cell: str, gateway: str) -> str:
         return self.topic("gateway_status", cell=cell, gateway=gateway)

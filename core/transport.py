@@ -14,7 +14,8 @@ Both keep the same promises:
   and must only hand the message on (a queue);
 - ``publish`` returns the packet's size on the wire (0 for a QoS 0 packet dropped while
   offline; QoS 1 packets are queued and sent on reconnect), and ``meter`` is charged only for
-  packets that were really sent.
+  packets that were really sent; ``on_sent`` is called (on the transport's thread) once the
+  broker has the packet: acknowledged for QoS 1.
 """
 from __future__ import annotations
 
@@ -60,12 +61,13 @@ def split_filter(topic_filter: str) -> tuple[str | None, str]:
 
 
 STATS_KEYS = ("connects", "disconnects", "sent", "dropped_offline", "queued_offline", "refused_publishes",
-              "withheld_refused")
+              "withheld_refused", "failed_publishes")
 """The counters ``Transport.stats()`` returns: successful connects (the first one included),
 connections lost other than by ``close()``, PUBLISH packets sent, QoS 0 packets dropped
 because the transport was offline, QoS 1 packets queued while offline (sent on reconnect),
 QoS 1 packets the broker refused (MQTT 5 PUBACK 0x80 or above, e.g. 0x87 not authorized), and
-packets not sent because the broker refuses this client's status (docs/access.md).
+packets not sent because the broker refuses this client's status (docs/access.md), and
+packets the client library refused (its queue of unsent packets full).
 ``fogsplit.core.mqtt`` adds ``refused_by_kind``: the refused packets by topic kind."""
 
 
@@ -75,7 +77,7 @@ class Transport(Protocol):
     def connect(self, timeout: float = 10.0) -> "Transport": ...
 
     def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False,
-                events: Iterable[int] = ()) -> int: ...
+                events: Iterable[int] = (), on_sent: Callable[[], None] | None = None) -> int: ...
 
     def subscribe(self, topic_filter: str, handler: Handler) -> None: ...
 

@@ -28,21 +28,26 @@ def publish_packet_size(topic: str, payload_len: int, qos: int, *, mqtt5: bool =
 
 
 class WireMeter:
-    """Thread-safe tally of PUBLISH bytes, per event and per topic leaf."""
+    """Thread-safe tally of PUBLISH bytes per topic leaf and, for the newest ``max_events``
+    events, per event (a benchmark asks for it; a serving tier keeps none, so nothing grows
+    with the events it serves)."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_events: int = 0) -> None:
         self._lock = threading.Lock()
-        self.by_event: dict[int, float] = defaultdict(float)
+        self.max_events = max_events
+        self.by_event: dict[int, float] = {}
         self.by_leaf: dict[str, int] = defaultdict(int)
         self.packets = 0
 
     def charge(self, topic: str, nbytes: int, events: Iterable[int]) -> None:
-        events = list(events)
+        events = list(events) if self.max_events else ()
         with self._lock:
             self.packets += 1
             self.by_leaf[topic.rsplit("/", 1)[-1]] += nbytes
             for e in events:
-                self.by_event[e] += nbytes / len(events)
+                self.by_event[e] = self.by_event.get(e, 0.0) + nbytes / len(events)
+            while len(self.by_event) > self.max_events:
+                del self.by_event[next(iter(self.by_event))]
 
     def total(self) -> int:
         """Every byte charged so far, without copying the per-event tally (stats read this)."""

@@ -29,6 +29,9 @@ from fogsplit.core.transport import Transport
 
 from fogsplit.device.logic import DeviceLogic, DeviceStats, FeatureStore, run_device_shard
 from fogsplit.device.sources import Capture, Source
+from fogsplit.device.spool import Spool
+
+REPLAY_PERIOD_S = 0.2
 
 __all__ = ["CaptureBacklog", "DeviceAgent", "DeviceStats", "FeatureStore", "run_device_shard"]
 
@@ -82,6 +85,9 @@ class DeviceAgent(Service):
         super().__init__(transport, topics, f"{cell}/{device}", inbox=settings.inbox, clock=clock)
         m = bundle.manifest
         self.cell, self.device, self.source = cell, device, source
+        self.spool = Spool(settings.spool, max_bytes=settings.spool_max_bytes, max_age_s=settings.spool_max_age_s,
+                           reoffer_s=settings.reoffer_s) \
+            if settings.delivery == "reliable" and settings.policy != "raw" else None
         self.logic = self._build(bundle)
         self.models = ModelSet(m.model_id, self.logic)
         self.backlog = CaptureBacklog(settings.capture_backlog)
@@ -89,6 +95,14 @@ class DeviceAgent(Service):
         self.rate = float(source.rate)
         self._announce(publish=False)
         self.route(topics.request(cell), self._on_request)
+        # A gateway that (re)starts may have lost the broker's retained statuses: it hears ours again.
+        self.route(topics.gateway_status(cell, "+"), self._on_gateway_status)
+        if self.spool is not None:
+            self.route(topics.ack(cell), self._on_ack)
+            self.every(REPLAY_PERIOD_S, self._replay)
+            if self.spool.resumed:
+                self.log.info("%s: the spool %s holds %d events not yet acked: replaying them", self.name,
+                              settings.spool, self.spool.resumed)
         if self.logic.cache is not None:
             self.route(topics.result(cell), self._on_result)
             self.route(topics.cmd(cell, "thresholds"), self._on_command)
@@ -137,17 +151,31 @@ class DeviceAgent(Service):
         m, s = bundle.manifest, self.settings
         runner = None if s.policy == "raw" else WatchedRunner(
             ShardRunner(bundle.shard_path(m.device_shard(self.device)), threads=s.threads))
-        return DeviceLogic(m, runner, cell=self.cell, device=self.device, settings=s, clock=self.clock)
+        return DeviceLogic(m, runner, cell=self.cell, device=self.device, settings=s, clock=self.clock,
+                           spool=self.spool)
 
     def _announce(self, *, publish: bool = True) -> None:
         """The status names the model this device's captures now run; a switch republishes it."""
         identity = {"model": self.logic.manifest.model_id, "policy": self.settings.policy, "rate": self.rate}
         topic = self.topics.device_status(self.cell, self.device)
         online = lambda: status_payload("online", **identity)  # noqa: E731
+        self._status_online = online
         self.presence("device_status", topic, online, status_payload("offline", **identity))
         if publish:
             self.send("device_status", topic, online())
             self.log.info("%s: captures now run model %s", self.name, identity["model"])
+
+    def _on_ack(self, msg):
+        return (self.models.by_tag(msg.payload) or self.logic).on_ack(msg)
+
+    def _replay(self) -> None:
+        if self.transport.connected:
+            self.apply(self.logic.replay())
+
+    def _on_gateway_status(self, msg):
+        if not msg.retain and b'"online"' in msg.payload:
+            self.send("device_status", self.topics.device_status(self.cell, self.device), self._status_online())
+        return []
 
     def _on_request(self, msg):
         return (self.models.by_tag(msg.payload) or self.logic).on_request(msg)
@@ -181,4 +209,6 @@ class DeviceAgent(Service):
         stop = getattr(self.source, "stop", None)
         if stop:
             stop()
+        if self.spool is not None:
+            self.spool.close()
         self.log.info("%s: stopping; %s", self.name, json.dumps(asdict(self.snapshot())))

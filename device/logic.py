@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
 from fogsplit.core.actions import Action, Send, refusing
 from fogsplit.core.clock import Clock
 from fogsplit.core.commands import parse_thresholds
-from fogsplit.core.frames import FEATURE, GONE, RAW, SCORES, decode_frame, encode_events_frame, encode_slot_frame, \
-    unwrap_slot
+from fogsplit.core.codecs import encode_tensor
+from fogsplit.core.frames import FEATURE, GONE, RAW, SCORES, decode_frame, encode_events_frame, encode_late_frame, \
+    encode_slot_frame, unwrap_slot
 from fogsplit.core.manifest import Manifest, expect_frames, raw_codec
 from fogsplit.core.metrics import Window
 from fogsplit.core.results import parse_result
@@ -27,6 +28,7 @@ from fogsplit.core.transport import Message
 
 from fogsplit.device.caching import DeviceCache
 from fogsplit.device.sources import Capture
+from fogsplit.device.spool import Spool
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +91,7 @@ class DeviceStats:
     gone: int = 0
     refused: int = 0
     inbox_dropped: int = 0
+    spool: dict = field(default_factory=dict)   # held, bytes, acked, replayed, dropped_full, expired
     shard_ms: dict[str, float | None] = field(default_factory=dict)   # p50, p99 over the newest runs
     rss_mb: float | None = None
     cpu_s: float | None = None            # process CPU seconds so far
@@ -96,9 +99,12 @@ class DeviceStats:
     transport: dict | None = None
 
 
+REPLAY_BATCH = 64     # events replayed per offer tick: a reconnect drains the spool without a burst
+
+
 class DeviceLogic:
     def __init__(self, manifest: Manifest, runner: ShardRunner | None, *, cell: str, device: str,
-                 settings: DeviceSettings, clock: Clock) -> None:
+                 settings: DeviceSettings, clock: Clock, spool: Spool | None = None) -> None:
         if settings.policy != "raw" and runner is None:
             raise ValueError(f"policy {settings.policy!r} runs the device shard: give its runner")
         self.manifest = manifest
@@ -114,6 +120,7 @@ class DeviceLogic:
             else None
         self.stats = DeviceStats(device=device, cell=cell, model=manifest.model_id, policy=settings.policy)
         self.shard_window = Window()
+        self.spool = spool if settings.delivery == "reliable" and settings.policy != "raw" else None
 
     def _send(self, kind: str, payload: bytes, events: list[int]) -> Send:
         return Send(self.cell, self.device, kind, payload, tuple(events))
@@ -136,7 +143,35 @@ class DeviceLogic:
                                   vote=vote)
         if not eager:
             self.store.put(event, feature, now)
+        if self.spool is not None:
+            dropped = self.spool.put(event, capture.captured, model, encode_tensor(scores, self.codecs["scores"]),
+                                     encode_tensor(feature, self.codecs["feature"]), vote, self.clock.time())
+            if dropped:
+                log.warning("%s: spool full (%d bytes): dropped %d oldest events (first %d)", self.name,
+                            self.spool.max_bytes, len(dropped), dropped[0])
         return [self._send("scores", frame, [event])]
+
+    @refusing
+    def on_ack(self, msg: Message) -> list[Action]:
+        """The gateway answered these events for good: they leave the spool."""
+        frame = decode_frame(msg.payload, "ack", self.expect, topic=msg.topic)
+        if self.spool is not None:
+            self.spool.ack(frame.events, self.clock.time())
+        return []
+
+    def replay(self) -> list[Action]:
+        """Replay what the spool holds past its re-offer time, as late frames in capture order;
+        drop what is older than the spool's age bound."""
+        if self.spool is None:
+            return []
+        now = self.clock.time()
+        expired = self.spool.expire(now)
+        if expired:
+            log.warning("%s: %d events not acked within %.0fs dropped from the spool (first %d)", self.name,
+                        len(expired), self.spool.max_age_s, expired[0])
+        return [self._send("late", encode_late_frame(model=h.model, event=h.event, captured=h.captured,
+                                                     scores=h.scores, feature=h.feature, vote=h.vote), [h.event])
+                for h in self.spool.due(now, REPLAY_BATCH)]
 
     @refusing
     def on_request(self, msg: Message) -> list[Action]:
@@ -188,5 +223,7 @@ class DeviceLogic:
 
     def snapshot(self) -> DeviceStats:
         """The counters as they are now; the service adds what only it knows (process, inbox)."""
+        spool = asdict(self.spool.stats) if self.spool is not None else {}
         return replace(self.stats, time=round(self.clock.time(), 3), features_held=len(self.store),
-                       features_evicted=self.store.evicted, shard_ms=self.shard_window.percentiles(50, 99))
+                       features_evicted=self.store.evicted, shard_ms=self.shard_window.percentiles(50, 99),
+                       spool=spool)

@@ -1,10 +1,17 @@
-"""The gateway service: subscribes the cell's topics, feeds the logic, publishes its actions."""
+"""The gateway service: subscribes the cell's topics, feeds the logic, publishes its actions.
+
+Around the logic it owns the journal (gateway/journal.py): a result is marked sent when the
+broker acknowledges it, and at start what was journaled but never acknowledged is published
+again. It flushes the logic's acks every ``ack_period_ms``, answers applications' replay
+requests from the journal, and tells the logic to shed (answer at the local exit) while the
+frame in hand waited in the inbox longer than ``shed_after_ms``."""
 from __future__ import annotations
 
 import json
 from dataclasses import asdict
 
 from fogsplit.core.actions import Answer, Refuse
+from fogsplit.core.errors import FrameError
 from fogsplit.core.clock import SYSTEM_CLOCK, Clock
 from fogsplit.core.discovery import cell_configs
 from fogsplit.core.manifest import Bundle
@@ -20,7 +27,11 @@ from fogsplit.core.topics import Topics
 from fogsplit.core.transport import Transport
 
 from fogsplit.gateway.fog import FogSlice
-from fogsplit.gateway.logic import GatewayLogic, GatewayStats
+from fogsplit.gateway.journal import Journal
+from fogsplit.gateway.logic import MEMORY_JOURNAL_ROWS, GatewayLogic, GatewayStats
+
+PRUNE_EVERY_S = 10.0
+REPLAY_MAX = 10_000     # results one replay request may ask for
 
 __all__ = ["Gateway", "GatewaySettings", "GatewayStats"]
 
@@ -33,12 +44,16 @@ class Gateway(Service):
         super().__init__(transport, topics, f"{cell}/{gateway}", inbox=settings.inbox, clock=clock)
         m = bundle.manifest
         self.cell, self.gateway = cell, gateway
+        self.journal = Journal(settings.journal, window_s=settings.replay_window_s,
+                               max_rows=settings.journal_max if settings.journal else
+                               min(settings.journal_max, MEMORY_JOURNAL_ROWS))
         self.logic = self._build(bundle)
         self.models = ModelSet(m.model_id, self.logic)
         self._announce(publish=False)
-        if self.logic.cache is not None:
-            self.route(topics.result(cell), self._to_all("on_result"))
         self.route(topics.scores(cell, "+"), self._on_frame("on_scores"))
+        self.route(topics.late(cell, "+"), self._on_frame("on_late"))
+        self.route(topics.cloud_result(cell), self._on_cloud_result)
+        self.route(topics.replay(cell), self._on_replay)
         self.route(topics.feature(cell, "+"), self._on_frame("on_feature"))
         self.route(topics.device_status(cell, "+"), self._on_status)
         self.route(topics.cmd(cell, "+"), self._to_all("on_command"))
@@ -50,6 +65,8 @@ class Gateway(Service):
             settings=rollout, trust=trust, clock=clock, prepare=self._prepare, switch=self.models.switch,
             forget=self.models.forget)
         self.every(settings.stats_period_s, self.publish_stats)
+        self.every(settings.ack_period_ms / 1000.0, self._flush_acks)
+        self.every(PRUNE_EVERY_S, lambda: self.journal.prune(self.clock.time()))
         if settings.discovery:
             transport.add_connect_listener(lambda: self.submit(self.publish_discovery))
 
@@ -66,17 +83,62 @@ class Gateway(Service):
         return self.logic.cache
 
     def apply(self, actions) -> None:
-        """The fog slices go to each node's topic; the rest as every service publishes them."""
-        actions = list(actions or ())
-        for a in actions:
+        """Fog slices go to each node's topic, results are marked sent in the journal once the
+        broker has them; the rest as every service publishes them."""
+        rest = []
+        for a in actions or ():
             if isinstance(a, FogSlice):
                 self.send("fog_slice", self.topics.fog_slice(a.cell, a.node), a.payload, [a.event])
-        super().apply([a for a in actions if not isinstance(a, FogSlice)])
+            elif isinstance(a, Answer):
+                self._publish_result(a.result.event, a.result.to_json())
+            else:
+                rest.append(a)
+        super().apply(rest)
+
+    def _publish_result(self, event: int, payload: bytes) -> None:
+        self.transport.publish(self.topics.result(self.cell), payload, qos=1,
+                               on_sent=lambda: self.submit(self.journal.mark_sent, event))
 
     def start(self) -> "Gateway":
-        self.log.info("%s: serving model %s, sensors %s, thresholds %s", self.name, self.manifest.model_id,
-                      ",".join(self.logic.sensors), self.thresholds)
+        self.log.info("%s: serving model %s, sensors %s, thresholds %s, delivery %s", self.name,
+                      self.manifest.model_id, ",".join(self.logic.sensors), self.thresholds, self.settings.delivery)
+        unsent = self.journal.unsent()
+        if unsent:
+            self.log.info("%s: the journal %s holds %d results the broker never acknowledged: publishing them",
+                          self.name, self.settings.journal, len(unsent))
+            for payload in unsent:
+                self._publish_result(json.loads(payload)["event"], payload)
         return super().start()
+
+    def _flush_acks(self) -> None:
+        for logic in list(self.models.logics.values()):
+            self.apply(logic.take_acks())
+
+    def _on_cloud_result(self, msg):
+        """A cloud answer goes to the logic of the model it names (the current one otherwise)."""
+        self._follow_schedule()
+        try:
+            model = json.loads(msg.payload).get("model")
+        except (ValueError, UnicodeDecodeError, AttributeError):
+            model = None
+        return self.models.logics.get(model, self.logic).on_cloud_result(msg)
+
+    def _on_replay(self, msg):
+        """An application asks for the results it may have missed: ``{"client": name, "since":
+        capture time}``; they go to its reply topic, then ``{"done": true, "count": n}``."""
+        try:
+            body = json.loads(msg.payload)
+            client, since = body["client"], float(body["since"])
+            topic = self.topics.replay_reply(self.cell, client)
+        except (ValueError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as exc:
+            raise FrameError("replay", f"a replay request is JSON {{\"client\": name, \"since\": capture time}} "
+                                       f"({type(exc).__name__}: {exc})", topic=msg.topic) from None
+        results = self.journal.since(since, REPLAY_MAX)
+        for payload in results:
+            self.transport.publish(topic, payload, qos=1)
+        self.transport.publish(topic, json.dumps({"done": True, "count": len(results)}).encode(), qos=1)
+        self.log.info("%s: replayed %d results since %.3f to %s", self.name, len(results), since, client)
+        return []
 
     def next_timer(self) -> float | None:
         return min((t for logic in self.models.logics.values() if (t := logic.next_deadline()) is not None),
@@ -91,7 +153,8 @@ class Gateway(Service):
     def _build(self, bundle: Bundle) -> GatewayLogic:
         m = bundle.manifest
         runner = WatchedRunner(ShardRunner(bundle.shard_path(m.tier_shard("gateway")), threads=self.settings.threads))
-        logic = GatewayLogic(m, runner, cell=self.cell, gateway=self.gateway, settings=self.settings, clock=self.clock)
+        logic = GatewayLogic(m, runner, cell=self.cell, gateway=self.gateway, settings=self.settings, clock=self.clock,
+                             journal=self.journal)
         if hasattr(self, "models"):
             logic.owns = lambda captured, model=m.model_id: self.models.owns(model, captured)
         return logic
@@ -137,6 +200,7 @@ class Gateway(Service):
         def handle(msg):
             self._follow_schedule()
             logic = self.models.by_tag(msg.payload) or self.logic
+            logic.shedding = self.waited_s * 1000.0 > self.settings.shed_after_ms
             return self._observe(logic, getattr(logic, method)(msg))
         return handle
 
@@ -185,4 +249,5 @@ class Gateway(Service):
         self.log.info("%s: published %d Home Assistant discovery configs under %s/", self.name, len(configs), prefix)
 
     def on_stop(self) -> None:
+        self._flush_acks()
         self.log.info("%s: stopping; %s", self.name, json.dumps(asdict(self.snapshot())))

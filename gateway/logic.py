@@ -12,8 +12,17 @@ scores of the cell's online devices (or its deadline)
   -> gateway shard, edge exit?                        -> Answer (edge)
      (or, when the bundle has fog nodes: FogSlice to each node, then the ensemble of the
      nodes that answered by the fog deadline, edge exit? -> Answer (edge, naming the nodes))
-  -> Forward to the cloud
+  -> Forward to the cloud; its answer comes back here  -> Answer (cloud)
+     (no answer by the cloud deadline: forward again, ``cloud_tries`` in all, then
+     Answer (edge, degraded))
 A request nobody answers in time answers from the local exit, marked degraded.
+
+Exactly one answer per event (docs/reliability.md): every answer is journaled before it is
+published, and a frame or a cloud answer for an event the journal holds is not answered
+again. In the reliable delivery mode every answered event is acked to the devices (batched:
+``take_acks``), which hold it in their spools until then; a frame replayed from a spool (a
+``late`` frame: full event id, capture time, scores and feature) opens its event again if it
+was never answered, and its answer says how late it came.
 """
 from __future__ import annotations
 
@@ -23,17 +32,18 @@ from typing import Callable
 
 import numpy as np
 
-from fogsplit.core.actions import Action, Answer, Forward, RequestFeatures, refusing
+from fogsplit.core.actions import Action, Answer, Forward, RequestFeatures, Send, refusing
 from fogsplit.core.assembly import Assembler, Event
 from fogsplit.core.clock import Clock
 from fogsplit.core.commands import parse_thresholds
 from fogsplit.core.errors import FrameError
 from fogsplit.core.exits import entropy_exit
-from fogsplit.core.frames import GONE, REQUEST, encode_events_frame, encode_forward_frame, to_slot
+from fogsplit.core.frames import GONE, MAX_ACKS, REQUEST, decode_frame, encode_ack_frame, encode_events_frame, \
+    encode_forward_frame, to_slot
 from fogsplit.core.fusion import fuse, with_local
 from fogsplit.core.manifest import Manifest, expect_frames
 from fogsplit.core.metrics import Rate, Window, ages, ratio
-from fogsplit.core.results import EXIT_TIERS, make_result, parse_result
+from fogsplit.core.results import EXIT_TIERS, Result, make_result, parse_result
 from fogsplit.core.roster import Roster, decode_device_frame, parse_status
 from fogsplit.core.runner import ShardRunner
 from fogsplit.core.settings import GatewaySettings
@@ -42,7 +52,10 @@ from fogsplit.core.transport import Message
 
 from fogsplit.gateway.caching import GatewayCache, vote_logits
 from fogsplit.gateway.fog import FogGather
+from fogsplit.gateway.journal import Journal
 from fogsplit.gateway.stages import Decision, edge_stage, local_stage
+
+MEMORY_JOURNAL_ROWS = 65_536   # a journal without a file keeps at most this many answers
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +73,15 @@ class GatewayStats:
     exits: dict[str, int] = field(default_factory=lambda: dict.fromkeys(EXIT_TIERS, 0))
     degraded: int = 0
     requests: int = 0
+    forwarded: int = 0                        # events handed to the cloud (each answered as "cloud" or degraded)
+    reforwarded: int = 0                      # forwards sent again: no answer by the cloud deadline
+    cloud_timeouts: int = 0                   # events answered degraded after cloud_tries forwards
+    late: int = 0                             # events opened by a frame replayed from a device's spool
+    reacked: int = 0                          # frames of events already answered: acked again, not answered
+    duplicate_answers: int = 0                # cloud answers to events already answered (a re-forward's)
+    acks_sent: int = 0
+    shed: int = 0                             # events answered at the local exit because the gateway was behind
+    journal: dict = field(default_factory=dict)
     refused: int = 0
     open_events: int = 0
     online_devices: list[str] = field(default_factory=list)
@@ -83,7 +105,7 @@ LATENCY_PERCENTILES = (50, 95, 99)
 
 class GatewayLogic:
     def __init__(self, manifest: Manifest, runner: ShardRunner, *, cell: str, gateway: str,
-                 settings: GatewaySettings, clock: Clock) -> None:
+                 settings: GatewaySettings, clock: Clock, journal: Journal | None = None) -> None:
         self.manifest = m = manifest
         self.runner = runner
         self.cell, self.gateway, self.settings, self.clock = cell, gateway, settings, clock
@@ -103,19 +125,50 @@ class GatewayLogic:
         self.rate = Rate(0, self.started)
         self.fog = FogGather(m) if m.fog is not None else None
         self.owns: Callable[[float], bool] = lambda captured: True   # a rollout narrows it (docs/rollout.md)
+        self.journal = journal if journal is not None else Journal(
+            None, window_s=settings.replay_window_s, max_rows=min(settings.journal_max, MEMORY_JOURNAL_ROWS))
+        self.reliable = settings.delivery == "reliable"
+        self.shedding = False      # set by the service while the frame in hand waited past shed_after_ms
+        self._acks: list[int] = []
 
     # -- inputs ---------------------------------------------------------------------------
     @refusing
     def on_scores(self, msg: Message) -> list[Action]:
         got = self._device_frame(msg)
-        frame, device, event = got.frame, got.device, got.event
-        ev = self.assembler.add(event, device, frame.tensor, got.captured, self.clock.monotonic())
+        return self._take_part(got.event, got.device, got.captured, got.frame.tensor, got.frame.feature,
+                               got.frame.vote, late=False)
+
+    @refusing
+    def on_late(self, msg: Message) -> list[Action]:
+        """A frame replayed from a device's spool: full id and capture time, scores and feature."""
+        device = device_of(msg.topic)
+        if device not in self.sensors:
+            raise FrameError("device", f"unknown device {device!r}: the model has {list(self.sensors)}",
+                             device=device, topic=msg.topic)
+        frame = decode_frame(msg.payload, "late", self.expect, topic=msg.topic, device=device)
+        self._check_time(frame.captured, device, frame.event, msg.topic)
+        self._heard(device)
+        return self._take_part(frame.event, device, frame.captured, frame.tensor, frame.feature, frame.vote,
+                               late=True)
+
+    def _take_part(self, event: int, device: str, captured: float, scores: np.ndarray,
+                   feature: np.ndarray | None, vote: int | None, *, late: bool) -> list[Action]:
         opened = self.assembler.open.get(event)
-        if opened is not None:
-            if frame.feature is not None:
-                opened.features[device] = frame.feature
-            if self.cache is not None and opened.stage == "scores":
-                opened.votes[device] = frame.vote
+        if opened is None and self._answered(event):
+            self.stats.reacked += 1
+            self._ack(event)
+            return []
+        ev = self.assembler.add(event, device, scores, captured, self.clock.monotonic())
+        opened = self.assembler.open.get(event)
+        if opened is None or opened.stage != "scores":
+            return []
+        if late and opened.late_s is None and len(opened.parts) == 1:
+            opened.late_s = max(0.0, self.clock.time() - captured)
+            self.stats.late += 1
+        if feature is not None:
+            opened.features[device] = feature
+        if self.cache is not None:
+            opened.votes[device] = vote
         return self._decide_local(ev) if ev is not None else []
 
     @refusing
@@ -175,14 +228,23 @@ class GatewayLogic:
         return []
 
     @refusing
-    def on_result(self, msg: Message) -> list[Action]:
-        """The cell's results (the cloud's among them): fill the cache with answers to held forwards."""
+    def on_cloud_result(self, msg: Message) -> list[Action]:
+        """A cloud worker's answer to a forwarded event: the event's result, unless the journal
+        says it was answered already (a re-forward answered twice, or after a restart)."""
+        result = parse_result(msg.payload, msg.topic)
+        now = self.clock.monotonic()
         if self.cache is not None:
-            result = parse_result(msg.payload, msg.topic)
-            self.cache.on_result(result.event, result.label, result.exit, result.model, self.clock.monotonic())
-            if result.exit == "cloud" and isinstance(result.latency_ms, (int, float)):
-                self.latency["cloud"].add(result.latency_ms)
-        return []
+            self.cache.on_result(result.event, result.label, result.exit, result.model, now)
+        ev = self.assembler.open.get(result.event)
+        if (ev is None or ev.stage != "cloud") and self._answered(result.event):
+            self.stats.duplicate_answers += 1
+            return []
+        if ev is not None and ev.stage != "cloud":
+            return []     # a stale answer to an event this gateway reopened (a replay): its own path answers it
+        wall = self.clock.time()
+        answer = replace(result, latency_ms=round((wall - result.captured) * 1000.0, 3),
+                         late=ev is not None and ev.late_s is not None, late_s=ev.late_s if ev is not None else None)
+        return self._publish(answer, ev)
 
     def next_deadline(self) -> float | None:
         return self.assembler.next_deadline()
@@ -191,8 +253,20 @@ class GatewayLogic:
         actions: list[Action] = []
         for ev in self.assembler.expired(now):
             actions += self._decide_local(ev) if ev.stage == "scores" else \
-                self._fog_decide(ev) if ev.stage == "fog" else self._run_edge(ev)
+                self._fog_decide(ev) if ev.stage == "fog" else \
+                self._cloud_overdue(ev) if ev.stage == "cloud" else self._run_edge(ev)
         return actions
+
+    def take_acks(self) -> list[Action]:
+        """The acks gathered since the last call, as frames for the cell's ack topic."""
+        acks, self._acks = self._acks, []
+        out: list[Action] = []
+        for start in range(0, len(acks), MAX_ACKS):
+            chunk = acks[start:start + MAX_ACKS]
+            out.append(Send(self.cell, "", "ack", encode_ack_frame(model=self.manifest.model_id, events=chunk),
+                            tuple(chunk)))
+        self.stats.acks_sent += len(acks)
+        return out
 
     def snapshot(self) -> GatewayStats:
         """The counters as they are now, and the rates since the last snapshot; the service adds
@@ -208,21 +282,49 @@ class GatewayLogic:
             cache_hit_rate=ratio(exits["cache"], past_local) if self.cache is not None else None,
             last_seen_s=ages(self.last_seen, now, self.sensors), thresholds=dict(self.thresholds),
             cache=self.cache.snapshot() if self.cache is not None else {},
-            fog=self.fog.snapshot() if self.fog is not None else {})
+            fog=self.fog.snapshot() if self.fog is not None else {},
+            journal={"rows": self.journal.rows, "pruned": self.journal.pruned, "file": str(self.journal.path)
+                     if self.journal.path is not None else None})
 
     # -- stages ---------------------------------------------------------------------------
     def _device_frame(self, msg: Message):
         got = decode_device_frame(msg.payload, msg.topic, self.expect, self.roster, self.clock.time())
-        if got.captured is not None and not self.owns(got.captured):
-            raise FrameError("model", f"event {got.event} belongs to another model than {self.manifest.model_id} "
-                                      "(captured on the other side of a switch, docs/rollout.md)",
-                             device=got.device, event=got.event, topic=msg.topic)
-        self.last_seen[got.device] = self.clock.monotonic()
-        if self.roster.saw_frame(got.device):
-            self.stats.rejoined += 1
-            self.assembler.online.add(got.device)
-            log.info("%s: device %s sent a frame while marked offline: online again", self.name, got.device)
+        if got.captured is not None:
+            self._check_time(got.captured, got.device, got.event, msg.topic)
+        self._heard(got.device)
         return got
+
+    def _check_time(self, captured: float, device: str, event: int, topic: str) -> None:
+        """Refuse a capture time from the future (beyond the clock-skew bound), from another
+        model's side of a switch, or older than the replay window."""
+        now = self.clock.time()
+        if captured > now + self.settings.max_skew_s:
+            raise FrameError("time", f"captured {captured - now:.1f}s in the future (clocks may differ by "
+                                     f"max_skew_s = {self.settings.max_skew_s}s)", device=device, event=event,
+                             topic=topic)
+        if captured < now - self.settings.replay_window_s:
+            raise FrameError("time", f"captured {now - captured:.0f}s ago, beyond the replay window "
+                                     f"({self.settings.replay_window_s:.0f}s)", device=device, event=event,
+                             topic=topic)
+        if not self.owns(captured):
+            raise FrameError("model", f"event {event} belongs to another model than {self.manifest.model_id} "
+                                      "(captured on the other side of a switch, docs/rollout.md)",
+                             device=device, event=event, topic=topic)
+
+    def _heard(self, device: str) -> None:
+        """A valid frame is proof of life."""
+        self.last_seen[device] = self.clock.monotonic()
+        if self.roster.saw_frame(device):
+            self.stats.rejoined += 1
+            self.assembler.online.add(device)
+            log.info("%s: device %s sent a frame while marked offline: online again", self.name, device)
+
+    def _answered(self, event: int) -> bool:
+        return self.assembler.is_finished(event) or self.journal.has(event)
+
+    def _ack(self, event: int) -> None:
+        if self.reliable:
+            self._acks.append(event)
 
     def _stop_waiting_for(self, device: str) -> list[Action]:
         """A device went offline: the open events that waited only for it go on at once."""
@@ -242,6 +344,10 @@ class GatewayLogic:
         ev.local_logits = decision.logits
         if decision.exits:
             return self._answer(ev, decision.logits, "local")
+        if self.shedding:
+            self.stats.shed += 1
+            self.stats.degraded += 1
+            return self._answer(ev, decision.logits, "local", degraded=True, reason="shed: the gateway was behind")
         if self.cache is not None:
             label = self.cache.devices_agree(ev.votes, len(ev.parts))
             if label is not None:
@@ -267,7 +373,7 @@ class GatewayLogic:
         if not features:
             log.warning("%s: event %d got no features in time; answering from the local exit", self.name, ev.event)
             self.stats.degraded += 1
-            return self._answer(ev, ev.local_logits, "local", degraded=True)
+            return self._answer(ev, ev.local_logits, "local", degraded=True, reason="no feature came in time")
         fused = fuse(features, self.sensors, self.manifest.edge_fusion)
         now = self.clock.monotonic()
         devices = sorted(features)
@@ -296,9 +402,26 @@ class GatewayLogic:
         payload = encode_forward_frame(model=self.manifest.model_id, event=ev.event, captured=ev.captured,
                                        devices=tuple(devices), sensors=self.expect.sensors, tensor=edge_feature,
                                        codec=self.manifest.codecs["forward"])
-        self.stats.exits["cloud"] += 1
-        self.assembler.finish(ev.event)
+        self.stats.forwarded += 1
+        ev.stage, ev.forward, ev.tries = "cloud", payload, 1
+        ev.edge_logits, ev.answered_by, ev.nodes = decision.logits, devices, nodes
+        ev.deadline = now + self.settings.cloud_deadline_ms / 1000.0
         return [Forward(self.cell, ev.event, payload)]
+
+    def _cloud_overdue(self, ev: Event) -> list[Action]:
+        """No cloud answer by the deadline: forward again (the deadline doubling), or after
+        ``cloud_tries`` forwards answer from the edge exit, degraded."""
+        if ev.tries < self.settings.cloud_tries:
+            ev.deadline = self.clock.monotonic() + self.settings.cloud_deadline_ms / 1000.0 * 2 ** ev.tries
+            ev.tries += 1
+            self.stats.reforwarded += 1
+            return [Forward(self.cell, ev.event, ev.forward)]
+        self.stats.cloud_timeouts += 1
+        self.stats.degraded += 1
+        log.warning("%s: event %d: no cloud answer after %d forwards; answering from the edge exit", self.name,
+                    ev.event, ev.tries)
+        return self._answer(ev, ev.edge_logits, "edge", devices=ev.answered_by, nodes=ev.nodes, degraded=True,
+                            reason=f"the cloud did not answer {ev.tries} forwards")
 
     # -- fog nodes (docs/eddl.md) ------------------------------------------------------------
     @refusing
@@ -343,11 +466,20 @@ class GatewayLogic:
                                   degraded=not got.complete)
 
     def _answer(self, ev: Event, logits: np.ndarray, tier: str, *, devices: list[str] | None = None,
-                degraded: bool = False, nodes: list[str] | None = None) -> list[Action]:
+                degraded: bool = False, nodes: list[str] | None = None, reason: str | None = None) -> list[Action]:
         result = make_result(logits, event=ev.event, exit=tier, classes=self.manifest.classes,
                              devices=devices or ev.devices, captured=ev.captured, model=self.manifest.model_id,
-                             now=self.clock.time(), degraded=degraded, nodes=nodes)
-        self.stats.exits[tier] += 1
-        self.latency[tier].add(result.latency_ms)
-        self.assembler.finish(ev.event)
+                             now=self.clock.time(), degraded=degraded, nodes=nodes, late_s=ev.late_s, reason=reason)
+        return self._publish(result, ev)
+
+    def _publish(self, result: Result, ev: Event | None) -> list[Action]:
+        """Journal the event's one result, ack it to the devices, and publish it."""
+        if not self.journal.record(result, result.to_json()):
+            self.stats.duplicate_answers += 1
+            self.assembler.finish(result.event)
+            return []
+        self.stats.exits[result.exit] += 1
+        self.latency[result.exit].add(result.latency_ms)
+        self.assembler.finish(result.event)
+        self._ack(result.event)
         return [Answer(self.cell, result)]

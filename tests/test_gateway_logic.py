@@ -119,6 +119,11 @@ def test_an_unsure_edge_forwards_to_the_cloud_with_the_full_event_id():
     frame = decode_frame(forward.payload, "forward", expect_frames(logic.manifest))
     assert (forward.event, frame.event, frame.devices) == (event, event, SENSORS)
     assert frame.captured == pytest.approx(event / RATE)
+    assert logic.snapshot().forwarded == 1 and logic.assembler.open[event].stage == "cloud"
+    cloud = make_result(confident(2), event=event, exit="cloud", classes=logic.manifest.classes,
+                        devices=list(SENSORS), captured=event / RATE, model="m1", now=clock.time())
+    answer = only(logic.on_cloud_result(Message(TOPICS.cloud_result(CELL), cloud.to_json())), Answer)
+    assert (answer.result.exit, answer.result.label, answer.kind) == ("cloud", 2, "result")
     assert logic.snapshot().exits["cloud"] == 1 and logic.assembler.open == {}
 
 
@@ -140,15 +145,26 @@ def test_a_device_going_offline_mid_event_stops_the_wait_at_once():
     assert answer.result.devices == ["cam0", "cam1"]
     # ... and while features are awaited
     event += 1
+    logic.on_status(status("cam2"))
     for device in ("cam0", "cam1"):
         logic.on_scores(scores(device, event, UNSURE))
-    logic.on_status(status("cam2"))
     request = only(logic.on_scores(scores("cam2", event, UNSURE)), RequestFeatures)
     logic.on_feature(feature("cam0", event))
     logic.on_feature(feature("cam1", event))
     assert request.devices == SENSORS
     answer = only(logic.on_status(status("cam2", "offline")), Answer)
     assert answer.result.exit == "edge" and answer.result.devices == ["cam0", "cam1"]
+
+
+def test_a_part_that_comes_after_the_event_was_decided_does_not_decide_it_again():
+    logic, clock, _ = make()
+    event = now_event(clock)
+    logic.on_status(status("cam2", "offline"))
+    logic.on_scores(scores("cam0", event, UNSURE))
+    only(logic.on_scores(scores("cam1", event, UNSURE)), RequestFeatures)
+    logic.on_status(status("cam2"))
+    assert logic.on_scores(scores("cam2", event, UNSURE)) == []
+    assert logic.snapshot().events == 1 and logic.snapshot().requests == 1
 
 
 def test_a_frame_from_a_device_marked_offline_brings_it_back():
@@ -195,18 +211,15 @@ def test_a_device_of_another_model_is_refused_and_so_are_its_frames():
     (Message(TOPICS.device_status(CELL, "cam0"), b"{}"), "status"),
     (Message(TOPICS.cmd(CELL, "thresholds"), b'{"local": 3}'), "cmd"),
     (Message(TOPICS.cmd(CELL, "thresholds"), b'{"cache": 0.2}'), "cmd"),
-    (Message(TOPICS.result(CELL), b'{"event": 1}'), None),
+    (Message(TOPICS.cloud_result(CELL), b'{"event": 1}'), "result"),
 ])
 def test_bad_input_is_refused_with_its_rule_and_changes_nothing(message, rule):
     logic, clock, _ = make(settings=GatewaySettings())
     before = dict(logic.thresholds)
     handler = {"scores": logic.on_scores, "status": logic.on_status, "thresholds": logic.on_command,
-               "result": logic.on_result}[message.topic.rsplit("/", 1)[-1]]
+               "result": logic.on_cloud_result}[message.topic.rsplit("/", 1)[-1]]
     actions = handler(message)
-    if rule is None:                    # no cache: results are not read
-        assert actions == []
-    else:
-        assert only(actions, Refuse).error.rule == rule
+    assert only(actions, Refuse).error.rule == rule
     assert logic.thresholds == before and logic.assembler.open == {}
 
 
@@ -255,5 +268,5 @@ def test_forwarded_events_fill_the_cache_from_the_cloud_answer():
     only(actions, Forward)
     result = make_result(confident(0), event=event, exit="cloud", classes=logic.manifest.classes,
                          devices=list(SENSORS), captured=event / RATE, model="m1", now=clock.time())
-    assert logic.on_result(Message(TOPICS.result(CELL), result.to_json())) == []
+    assert only(logic.on_cloud_result(Message(TOPICS.cloud_result(CELL), result.to_json())), Answer)
     assert logic.snapshot().cache["entries"] == 1

@@ -72,7 +72,9 @@ EXAMPLES = {"bundle": "/srv/bundle", "name": "cam1", "out": "/srv/out", "count":
             "export.feature_bytes": 64, "export.epochs": 12, "export.steps": 500, "export.target_flops": 0.5, "export.fog_nodes": 3, "export.target_params": 0.6,
             "trusted_keys": ["/etc/fogsplit/a.pub", "/etc/fogsplit/b.pub"], "sign_key": "/srv/keys/b.key",
             "health.file": "/tmp/fogsplit.health", "rollout.store": "/var/lib/fogsplit/bundles",
-            "canary_cell": "c9", "cell": "c1", "seconds": 2.5, "data": "/srv/cam1.npz"}
+            "canary_cell": "c9", "cell": "c1", "seconds": 2.5, "data": "/srv/cam1.npz",
+            "broker.session_expiry_s": 600, "device.spool": "/var/lib/fogsplit/spool.sqlite",
+            "gateway.journal": "/var/lib/fogsplit/journal.sqlite"}
 
 
 def example(key: str, default):

@@ -1,0 +1,156 @@
+"""The device's store-and-forward spool: every event it captured, until the gateway acks it.
+
+An event goes in at capture, with the scores and feature as they were encoded for the wire
+and the capture time, and leaves when the cell's gateway acks it (it has answered the event
+for good, docs/reliability.md). What is not acked ``reoffer_s`` after capture is replayed as
+a ``late`` frame, then again after twice that, up to every ``MAX_REOFFER_S``; the order of
+replay is the order of capture. While no ack comes at all (the gateway or the link is down),
+only the oldest event is replayed, once per period, as a probe: a dead link is not fed a
+backlog it would only queue.
+
+It lives in SQLite (the standard library's; WAL, ``synchronous=NORMAL``): a killed agent
+loses nothing, a power cut at most the last commits, and the file stays consistent. Without
+a path it is the same store in memory, for tests and throwaway agents.
+
+Bounds, each counted in :class:`SpoolStats`: ``max_bytes`` of frames (when full, the oldest
+event is dropped: ``dropped_full``) and ``max_age_s`` (an event not acked by then is dropped:
+``expired``). Both are losses the operator reads in the device's stats.
+"""
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+
+MAX_REOFFER_S = 30.0
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS spool (
+    event INTEGER PRIMARY KEY,
+    captured REAL NOT NULL,
+    model TEXT NOT NULL,
+    scores BLOB NOT NULL,
+    feature BLOB,
+    vote INTEGER,
+    size INTEGER NOT NULL,
+    offers INTEGER NOT NULL DEFAULT 0,
+    next_offer REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS spool_next_offer ON spool (next_offer);
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Held:
+    """One spooled event, as a replay needs it."""
+
+    event: int
+    captured: float
+    model: str
+    scores: bytes
+    feature: bytes | None
+    vote: int | None
+    offers: int
+
+
+@dataclass
+class SpoolStats:
+    held: int = 0
+    bytes: int = 0
+    acked: int = 0
+    replayed: int = 0
+    dropped_full: int = 0
+    expired: int = 0
+
+
+class Spool:
+    def __init__(self, path: str | Path | None, *, max_bytes: int, max_age_s: float, reoffer_s: float) -> None:
+        if path is not None:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self.path = None if path is None else Path(path)
+        self.max_bytes, self.max_age_s, self.reoffer_s = max_bytes, max_age_s, reoffer_s
+        self._db = sqlite3.connect(":memory:" if path is None else str(path), isolation_level=None,
+                                   check_same_thread=False)
+        if path is not None:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(_SCHEMA)
+        held, size = self._db.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM spool").fetchone()
+        self.stats = SpoolStats(held=held, bytes=size)
+        self.last_ack: float | None = None      # epoch time of the last ack that removed an event
+        self.resumed = held                     # events found in the file at start
+
+    def put(self, event: int, captured: float, model: str, scores: bytes, feature: bytes | None,
+            vote: int | None, now: float) -> list[int]:
+        """Hold one captured event; returns the events dropped to stay within ``max_bytes``."""
+        size = len(scores) + (len(feature) if feature is not None else 0)
+        cur = self._db.execute(
+            "INSERT OR IGNORE INTO spool (event, captured, model, scores, feature, vote, size, next_offer) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)", (event, captured, model, scores, feature, vote, size,
+                                                captured + self.reoffer_s))
+        if cur.rowcount:
+            self.stats.held += 1
+            self.stats.bytes += size
+        dropped = []
+        while self.stats.bytes > self.max_bytes and self.stats.held > 1:
+            oldest = self._db.execute("SELECT event FROM spool ORDER BY event LIMIT 1").fetchone()[0]
+            self._remove([oldest])
+            dropped.append(oldest)
+        self.stats.dropped_full += len(dropped)
+        return dropped
+
+    def ack(self, events: tuple[int, ...] | list[int], now: float) -> int:
+        """The gateway answered ``events``: drop them. Returns how many were held."""
+        removed = self._remove(events)
+        if removed:
+            self.stats.acked += removed
+            self.last_ack = now
+        return removed
+
+    def due(self, now: float, limit: int) -> list[Held]:
+        """Events to replay now, oldest first, and schedule their next replay. With no ack for
+        longer than ``reoffer_s`` while events were replayed, only the oldest (a probe)."""
+        if self.stats.held == 0:
+            return []
+        silent = self.stats.replayed > 0 and (self.last_ack is None or now - self.last_ack > self.reoffer_s)
+        rows = self._db.execute(
+            "SELECT event, captured, model, scores, feature, vote, offers FROM spool WHERE next_offer <= ? "
+            "ORDER BY event LIMIT ?", (now, 1 if silent else limit)).fetchall()
+        held = [Held(*row) for row in rows]
+        self._db.executemany("UPDATE spool SET offers = offers + 1, next_offer = ? WHERE event = ?",
+                             [(now + min(self.reoffer_s * 2 ** h.offers, MAX_REOFFER_S), h.event) for h in held])
+        self.stats.replayed += len(held)
+        return held
+
+    def expire(self, now: float) -> list[int]:
+        """Drop the events captured more than ``max_age_s`` ago; returns them."""
+        old = [row[0] for row in self._db.execute("SELECT event FROM spool WHERE captured < ? ORDER BY event",
+                                                  (now - self.max_age_s,))]
+        self._remove(old)
+        self.stats.expired += len(old)
+        return old
+
+    def events(self) -> list[int]:
+        return [row[0] for row in self._db.execute("SELECT event FROM spool ORDER BY event")]
+
+    def _remove(self, events) -> int:
+        events = list(events)
+        if not events:
+            return 0
+        removed = 0
+        for start in range(0, len(events), 500):
+            chunk = events[start:start + 500]
+            marks = ",".join("?" * len(chunk))
+            size, count = self._db.execute(f"SELECT COALESCE(SUM(size), 0), COUNT(*) FROM spool WHERE event IN ({marks})",
+                                           chunk).fetchone()
+            self._db.execute(f"DELETE FROM spool WHERE event IN ({marks})", chunk)
+            self.stats.bytes -= size
+            self.stats.held -= count
+            removed += count
+        return removed
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __len__(self) -> int:
+        return self.stats.held
