@@ -19,6 +19,8 @@ forward     ``forward``                ``[tag, event, captured, device_mask, edg
 late        ``device/{d}/late``        ``[tag, event, captured, scores, feature]``, may
                                        end with ``vote``: a replay from the device's
                                        spool (docs/reliability.md)
+lost        ``device/{d}/late``        ``[tag, event, captured, reason]``: the spool
+                                       dropped the event's frames
 ack         ``ack``                    ``[tag, first_event, [offset, ...]]``: events the
                                        cell has answered for good
 ==========  =========================  ==============================================
@@ -60,13 +62,15 @@ SLOT_MOD = 1 << SLOT_BITS
 
 SCORES, FEATURE, REQUEST, FORWARD, RAW, GONE = "s", "f", "q", "w", "r", "g"
 FOG_SLICE, FOG_ANSWER = "l", "a"     # gateway -> fog node, fog node -> gateway (docs/eddl.md)
-LATE, ACK = "t", "k"                 # device spool replay -> gateway, gateway -> devices (docs/reliability.md)
+LATE, LOST, ACK = "t", "x", "k"      # device spool replay -> gateway, gateway -> devices (docs/reliability.md)
+MAX_REASON = 200
 MAX_ACKS = 4096
 KINDS = {SCORES: "scores", FEATURE: "feature", REQUEST: "request", FORWARD: "forward",
-         RAW: "raw", GONE: "gone", FOG_SLICE: "fog slice", FOG_ANSWER: "fog answer", LATE: "late", ACK: "ack"}
+         RAW: "raw", GONE: "gone", FOG_SLICE: "fog slice", FOG_ANSWER: "fog answer", LATE: "late", LOST: "lost notice",
+         ACK: "ack"}
 TENSOR_KINDS = (SCORES, FEATURE, FORWARD, RAW)
 LEAF_KINDS = {"scores": (SCORES,), "feature": (FEATURE, GONE), "raw": (RAW,), "request": (REQUEST,),
-              "forward": (FORWARD,), "slice": (FOG_SLICE,), "answer": (FOG_ANSWER,), "late": (LATE,),
+              "forward": (FORWARD,), "slice": (FOG_SLICE,), "answer": (FOG_ANSWER,), "late": (LATE, LOST),
               "ack": (ACK,)}
 
 
@@ -100,7 +104,8 @@ class Frame:
     """A decoded frame. ``slot`` is set for scores, feature and raw frames (the receiver
     unwraps it), ``event`` and ``captured`` for forwards; ``tensor`` for tensor frames
     (``feature`` too for one-phase scores); ``vote`` for scores whose device's cache hit;
-    ``events`` (slots) for requests and gone notices; ``devices`` for requests and forwards."""
+    ``events`` (slots) for requests and gone notices; ``devices`` for requests and forwards;
+    ``reason`` for lost notices."""
 
     kind: str
     slot: int = 0
@@ -111,6 +116,7 @@ class Frame:
     vote: int | None = None
     events: tuple[int, ...] = ()
     devices: tuple[str, ...] = ()
+    reason: str | None = None
 
 
 @dataclass(frozen=True)
@@ -167,6 +173,11 @@ def encode_late_frame(*, model: str, event: int, captured: float, scores: bytes,
     if vote is not None:
         body.append(int(vote))
     return _pack(body)
+
+
+def encode_lost_frame(*, model: str, event: int, captured: float, reason: str) -> bytes:
+    """A device's notice that its spool dropped the frames of ``event``, and why."""
+    return _pack([frame_tag(model), int(event), float(captured), reason[:MAX_REASON]])
 
 
 def encode_ack_frame(*, model: str, events: list[int]) -> bytes:
@@ -274,12 +285,18 @@ def _check(body: object, leaf: str, expect: Expect, device: str | None = None) -
 
 
 def _check_late(body: list, expect: Expect) -> Frame:
-    _need_len(body, (5, 6), LATE)
-    _, event, captured, scores, feature = body[:5]
+    """A late frame, or a lost notice (four fields, the last a reason)."""
+    _need_len(body, (4, 5, 6), LATE)
+    event, captured = body[1], body[2]
     if not _is_event_id(event):
         raise FrameError("event", f"event id {event!r} is not a non-negative integer")
     if not isinstance(captured, float) or not math.isfinite(captured) or captured < 0:
         raise FrameError("time", f"capture time {captured!r} is not a finite non-negative number")
+    if len(body) == 4:
+        if not isinstance(body[3], str) or not body[3] or len(body[3]) > MAX_REASON:
+            raise FrameError("layout", f"a lost notice ends with its reason, 1 to {MAX_REASON} characters")
+        return Frame(kind=LOST, event=event, captured=captured, reason=body[3])
+    scores, feature = body[3], body[4]
     vote = _check_vote(body[5], expect) if len(body) == 6 else None
     return Frame(kind=LATE, event=event, captured=captured, tensor=_check_tensor(scores, SCORES, expect),
                  feature=None if feature is None else _check_tensor(feature, FEATURE, expect), vote=vote)

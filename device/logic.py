@@ -18,7 +18,7 @@ from fogsplit.core.clock import Clock
 from fogsplit.core.commands import parse_thresholds
 from fogsplit.core.codecs import encode_tensor
 from fogsplit.core.frames import FEATURE, GONE, RAW, SCORES, decode_frame, encode_events_frame, encode_late_frame, \
-    encode_slot_frame, unwrap_slot
+    encode_lost_frame, encode_slot_frame, unwrap_slot
 from fogsplit.core.manifest import Manifest, expect_frames, raw_codec
 from fogsplit.core.metrics import Window
 from fogsplit.core.results import parse_result
@@ -147,8 +147,9 @@ class DeviceLogic:
             dropped = self.spool.put(event, capture.captured, model, encode_tensor(scores, self.codecs["scores"]),
                                      encode_tensor(feature, self.codecs["feature"]), vote, self.clock.time())
             if dropped:
-                log.warning("%s: spool full (%d bytes): dropped %d oldest events (first %d)", self.name,
-                            self.spool.max_bytes, len(dropped), dropped[0])
+                log.warning("%s: spool full (%d bytes): dropped the frames of the %d oldest events (first %d); "
+                            "lost notices go in their place", self.name, self.spool.max_bytes, len(dropped),
+                            dropped[0])
         return [self._send("scores", frame, [event])]
 
     @refusing
@@ -167,10 +168,12 @@ class DeviceLogic:
         now = self.clock.time()
         expired = self.spool.expire(now)
         if expired:
-            log.warning("%s: %d events not acked within %.0fs dropped from the spool (first %d)", self.name,
-                        len(expired), self.spool.max_age_s, expired[0])
-        return [self._send("late", encode_late_frame(model=h.model, event=h.event, captured=h.captured,
-                                                     scores=h.scores, feature=h.feature, vote=h.vote), [h.event])
+            log.warning("%s: %d events not acked within %.0fs dropped from the spool (first %d); lost notices "
+                        "go in their place", self.name, len(expired), self.spool.max_age_s, expired[0])
+        return [self._send("late", encode_lost_frame(model=h.model, event=h.event, captured=h.captured,
+                                                     reason=h.reason) if h.reason is not None else
+                           encode_late_frame(model=h.model, event=h.event, captured=h.captured, scores=h.scores,
+                                             feature=h.feature, vote=h.vote), [h.event])
                 for h in self.spool.due(now, REPLAY_BATCH)]
 
     @refusing

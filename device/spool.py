@@ -14,7 +14,11 @@ a path it is the same store in memory, for tests and throwaway agents.
 
 Bounds, each counted in :class:`SpoolStats`: ``max_bytes`` of frames (when full, the oldest
 event is dropped: ``dropped_full``) and ``max_age_s`` (an event not acked by then is dropped:
-``expired``). Both are losses the operator reads in the device's stats.
+``expired``). A dropped event is not forgotten: its frames give way to a lost notice (the
+event id, its capture time and the reason, ``NOTICE_BYTES`` of the bound), replayed like an
+event until the gateway acks it, so that the application gets an explicit ``lost`` result
+instead of silence. Notices not acked within another ``max_age_s`` are deleted
+(``notices_expired``): the one silent loss, after two spool ages without a gateway.
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 MAX_REOFFER_S = 30.0
+NOTICE_BYTES = 16
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS spool (
@@ -32,6 +37,7 @@ CREATE TABLE IF NOT EXISTS spool (
     scores BLOB NOT NULL,
     feature BLOB,
     vote INTEGER,
+    reason TEXT,
     size INTEGER NOT NULL,
     offers INTEGER NOT NULL DEFAULT 0,
     next_offer REAL NOT NULL
@@ -51,6 +57,7 @@ class Held:
     feature: bytes | None
     vote: int | None
     offers: int
+    reason: str | None = None     # a lost notice: why the event's frames were dropped
 
 
 @dataclass
@@ -61,6 +68,8 @@ class SpoolStats:
     replayed: int = 0
     dropped_full: int = 0
     expired: int = 0
+    notices: int = 0
+    notices_expired: int = 0
 
 
 class Spool:
@@ -92,12 +101,22 @@ class Spool:
             self.stats.held += 1
             self.stats.bytes += size
         dropped = []
-        while self.stats.bytes > self.max_bytes and self.stats.held > 1:
-            oldest = self._db.execute("SELECT event FROM spool ORDER BY event LIMIT 1").fetchone()[0]
-            self._remove([oldest])
-            dropped.append(oldest)
+        while self.stats.bytes > self.max_bytes:
+            oldest = self._db.execute("SELECT event FROM spool WHERE reason IS NULL ORDER BY event LIMIT 1").fetchone()
+            if oldest is None or oldest[0] == event:
+                break
+            self._to_notice(oldest[0], "dropped: the device's spool was full", now)
+            dropped.append(oldest[0])
         self.stats.dropped_full += len(dropped)
         return dropped
+
+    def _to_notice(self, event: int, reason: str, now: float) -> None:
+        """The event's frames give way to a lost notice, offered at once."""
+        size = self._db.execute("SELECT size FROM spool WHERE event = ?", (event,)).fetchone()[0]
+        self._db.execute("UPDATE spool SET scores = x'', feature = NULL, vote = NULL, reason = ?, size = ?, "
+                         "next_offer = ? WHERE event = ?", (reason, NOTICE_BYTES, now, event))
+        self.stats.bytes += NOTICE_BYTES - size
+        self.stats.notices += 1
 
     def ack(self, events: tuple[int, ...] | list[int], now: float) -> int:
         """The gateway answered ``events``: drop them. Returns how many were held."""
@@ -114,7 +133,7 @@ class Spool:
             return []
         silent = self.stats.replayed > 0 and (self.last_ack is None or now - self.last_ack > self.reoffer_s)
         rows = self._db.execute(
-            "SELECT event, captured, model, scores, feature, vote, offers FROM spool WHERE next_offer <= ? "
+            "SELECT event, captured, model, scores, feature, vote, offers, reason FROM spool WHERE next_offer <= ? "
             "ORDER BY event LIMIT ?", (now, 1 if silent else limit)).fetchall()
         held = [Held(*row) for row in rows]
         self._db.executemany("UPDATE spool SET offers = offers + 1, next_offer = ? WHERE event = ?",
@@ -123,11 +142,16 @@ class Spool:
         return held
 
     def expire(self, now: float) -> list[int]:
-        """Drop the events captured more than ``max_age_s`` ago; returns them."""
-        old = [row[0] for row in self._db.execute("SELECT event FROM spool WHERE captured < ? ORDER BY event",
-                                                  (now - self.max_age_s,))]
-        self._remove(old)
+        """Turn the events captured more than ``max_age_s`` ago into lost notices, and delete the
+        notices older than twice that; returns the events that expired now."""
+        old = [row[0] for row in self._db.execute(
+            "SELECT event FROM spool WHERE reason IS NULL AND captured < ? ORDER BY event", (now - self.max_age_s,))]
+        for event in old:
+            self._to_notice(event, f"dropped: not acked within {self.max_age_s:.0f}s of its capture", now)
         self.stats.expired += len(old)
+        stale = [row[0] for row in self._db.execute(
+            "SELECT event FROM spool WHERE reason IS NOT NULL AND captured < ?", (now - 2 * self.max_age_s,))]
+        self.stats.notices_expired += self._remove(stale)
         return old
 
     def events(self) -> list[int]:

@@ -38,7 +38,7 @@ from fogsplit.core.clock import Clock
 from fogsplit.core.commands import parse_thresholds
 from fogsplit.core.errors import FrameError
 from fogsplit.core.exits import entropy_exit
-from fogsplit.core.frames import GONE, MAX_ACKS, REQUEST, decode_frame, encode_ack_frame, encode_events_frame, \
+from fogsplit.core.frames import GONE, LOST, MAX_ACKS, REQUEST, decode_frame, encode_ack_frame, encode_events_frame, \
     encode_forward_frame, to_slot
 from fogsplit.core.fusion import fuse, with_local
 from fogsplit.core.manifest import Manifest, expect_frames
@@ -81,6 +81,7 @@ class GatewayStats:
     duplicate_answers: int = 0                # cloud answers to events already answered (a re-forward's)
     acks_sent: int = 0
     shed: int = 0                             # events answered at the local exit because the gateway was behind
+    lost_notices: int = 0                     # events a device's spool dropped, answered as "lost"
     journal: dict = field(default_factory=dict)
     refused: int = 0
     open_events: int = 0
@@ -146,10 +147,29 @@ class GatewayLogic:
             raise FrameError("device", f"unknown device {device!r}: the model has {list(self.sensors)}",
                              device=device, topic=msg.topic)
         frame = decode_frame(msg.payload, "late", self.expect, topic=msg.topic, device=device)
-        self._check_time(frame.captured, device, frame.event, msg.topic)
+        self._check_time(frame.captured, device, frame.event, msg.topic, notice=frame.kind == LOST)
         self._heard(device)
+        if frame.kind == LOST:
+            return self._lost(frame.event, frame.captured, device, frame.reason)
         return self._take_part(frame.event, device, frame.captured, frame.tensor, frame.feature, frame.vote,
                                late=True)
+
+    def _lost(self, event: int, captured: float, device: str, reason: str) -> list[Action]:
+        """A device dropped an event's frames: unless the event is answered, or open (another
+        device's frames will answer it), the application gets an explicit lost result."""
+        if self.assembler.open.get(event) is not None:
+            return []
+        if self._answered(event):
+            self._ack(event)
+            return []
+        now = self.clock.time()
+        self.stats.lost_notices += 1
+        log.warning("%s: event %d is lost: %s %s", self.name, event, device, reason)
+        result = Result(event=event, label=-1, cls="", confidence=0.0, exit="lost", devices=[device],
+                        captured=captured, latency_ms=round((now - captured) * 1000.0, 3), model=self.manifest.model_id,
+                        degraded=True, late=True, late_s=round(max(0.0, now - captured), 3),
+                        reason=f"{device}: {reason}")
+        return self._publish(result, None)
 
     def _take_part(self, event: int, device: str, captured: float, scores: np.ndarray,
                    feature: np.ndarray | None, vote: int | None, *, late: bool) -> list[Action]:
@@ -294,15 +314,15 @@ class GatewayLogic:
         self._heard(got.device)
         return got
 
-    def _check_time(self, captured: float, device: str, event: int, topic: str) -> None:
+    def _check_time(self, captured: float, device: str, event: int, topic: str, *, notice: bool = False) -> None:
         """Refuse a capture time from the future (beyond the clock-skew bound), from another
-        model's side of a switch, or older than the replay window."""
+        model's side of a switch, or (but for a lost notice) older than the replay window."""
         now = self.clock.time()
         if captured > now + self.settings.max_skew_s:
             raise FrameError("time", f"captured {captured - now:.1f}s in the future (clocks may differ by "
                                      f"max_skew_s = {self.settings.max_skew_s}s)", device=device, event=event,
                              topic=topic)
-        if captured < now - self.settings.replay_window_s:
+        if captured < now - self.settings.replay_window_s and not notice:
             raise FrameError("time", f"captured {now - captured:.0f}s ago, beyond the replay window "
                                      f"({self.settings.replay_window_s:.0f}s)", device=device, event=event,
                              topic=topic)
@@ -478,8 +498,9 @@ class GatewayLogic:
             self.stats.duplicate_answers += 1
             self.assembler.finish(result.event)
             return []
-        self.stats.exits[result.exit] += 1
-        self.latency[result.exit].add(result.latency_ms)
+        if result.exit in self.latency:
+            self.stats.exits[result.exit] += 1
+            self.latency[result.exit].add(result.latency_ms)
         self.assembler.finish(result.event)
         self._ack(result.event)
         return [Answer(self.cell, result)]

@@ -64,10 +64,12 @@ def test_the_spool_is_bounded_in_bytes_and_age_and_counts_what_it_drops():
     s = spool(max_bytes=10_000, max_age_s=5.0)
     for event in range(20):
         s.put(event, float(event), "m1", b"x" * 900, None, None, now=float(event))
-    assert len(s) == 11 and s.stats.dropped_full == 9 and s.stats.bytes <= 10_000
-    assert s.events()[0] == 9                                   # the oldest went first
-    assert s.expire(now=20.0) == list(range(9, 15))
-    assert s.stats.expired == 6 and len(s) == 5
+    # the oldest events' frames went first, each leaving a 16-byte lost notice in its place
+    assert len(s) == 20 and s.stats.dropped_full == 10 and s.stats.bytes <= 10_000
+    assert [h.event for h in s.due(now=30.0, limit=64) if h.reason is None] == list(range(10, 20))
+    assert s.expire(now=20.0) == list(range(10, 15))           # older than 5 s: notices too
+    assert s.stats.expired == 5 and s.stats.notices == 15
+    assert s.stats.notices_expired == 10 and len(s) == 10      # notices older than twice the age bound
 
 
 def test_the_spool_survives_a_restart_of_the_agent(tmp_path):
@@ -304,3 +306,38 @@ def test_an_ack_frame_round_trips_and_bad_ones_name_the_rule():
     with pytest.raises(Exception) as err:
         decode_frame(b"\x93" + bytes([expect.tag]) + b"\x07\x91\x00", "ack", expect)   # offset 0
     assert err.value.rule == "event"
+
+
+def test_an_event_the_spool_drops_becomes_a_lost_notice_and_the_application_is_told():
+    s = spool(max_bytes=2_000, max_age_s=5.0)
+    for event in range(3):
+        s.put(event, float(event), "m1", b"x" * 900, None, None, now=float(event))
+    assert s.stats.dropped_full == 1 and s.stats.notices == 1
+    (notice,) = s.due(now=2.1, limit=10)            # offered at once
+    assert notice.event == 0 and "full" in notice.reason
+    s.expire(now=6.5)                                # event 1 is older than 5 s
+    assert s.stats.expired == 1 and s.stats.notices == 2
+
+    logic, clock = gateway()
+    event = round(clock.time() * RATE) - 50
+    from fogsplit.core.frames import encode_lost_frame
+    message = Message(TOPICS.late(CELL, "cam1"), encode_lost_frame(model="m1", event=event, captured=event / RATE,
+                                                                   reason="dropped: the device's spool was full"))
+    answer = only(logic.on_late(message), Answer)
+    r = answer.result
+    assert (r.event, r.exit, r.label, r.degraded, r.late) == (event, "lost", -1, True, True)
+    assert r.reason.startswith("cam1: dropped") and acked(logic) == [event]
+    assert logic.on_late(message) == [] and acked(logic) == [event]      # once only; acked again
+    assert logic.snapshot().lost_notices == 1
+
+
+def test_a_lost_notice_for_an_answered_event_changes_nothing():
+    logic, clock = gateway()
+    event = round(clock.time() * RATE)
+    for d in SENSORS:
+        logic.on_scores(scores(d, event, confident(0)))
+    logic.take_acks()
+    from fogsplit.core.frames import encode_lost_frame
+    assert logic.on_late(Message(TOPICS.late(CELL, "cam1"), encode_lost_frame(
+        model="m1", event=event, captured=event / RATE, reason="x"))) == []
+    assert acked(logic) == [event] and logic.snapshot().lost_notices == 0
