@@ -313,11 +313,12 @@ SESSION_EXPIRY_S = {"gateway": 300, "cloud": 300}
 def _transport(broker: BrokerSettings, client_id: str, role: str = "") -> MqttTransport:
     """The connection of a service; the service sets its own presence (birth and will) on it.
     The gateway and cloud workers keep a session at the broker while they restart (what comes
-    for them meanwhile waits there); the others start clean unless configured."""
+    for them meanwhile waits there); the others start clean unless configured. A cloud worker
+    acknowledges a forward only once it has answered it (docs/reliability.md)."""
     expiry = broker.session_expiry_s if broker.session_expiry_s is not None else SESSION_EXPIRY_S.get(role, 0)
     return MqttTransport(broker.url, client_id, username=broker.username, password=broker.secret,
                          keepalive=broker.keepalive, ca_file=broker.ca_file, protocol=broker.protocol,
-                         session_expiry_s=expiry)
+                         session_expiry_s=expiry, manual_ack=role == "cloud")
 
 
 def _state_file(config, name: str) -> str:

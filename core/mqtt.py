@@ -10,6 +10,10 @@ are charged to the events the caller names once paho reports the packet sent: wr
 socket for QoS 0, acknowledged for QoS 1. A QoS 0 packet published while offline is dropped,
 counted and not charged; a QoS 1 packet is queued and sent on reconnect.
 
+With ``manual_ack`` (the cloud workers) a QoS 1 message is acknowledged only when the service
+has handled it (``Message.ack``): after the answer is handed to the client, so a worker that
+dies mid-event leaves the forward unacknowledged and the broker delivers it again.
+
 Reconnecting: paho reconnects by itself; before each attempt this module sets the delay with
 :class:`Backoff`: 0.1 s doubling to a cap of 1 s, each delay drawn from its upper half
 (0.05-0.1 s, 0.1-0.2 s, ... then 0.5-1 s). A cut link is back in a tenth of a second, a client
@@ -163,7 +167,7 @@ class MqttTransport:
     def __init__(self, url: str | BrokerURL, client_id: str, *, username: str | None = None,
                  password: str | None = None, will: tuple[str, bytes] | None = None,
                  meter: WireMeter | None = None, keepalive: int = 15, ca_file: str | None = None,
-                 protocol: str = "auto", session_expiry_s: int = 0) -> None:
+                 protocol: str = "auto", session_expiry_s: int = 0, manual_ack: bool = False) -> None:
         if protocol not in PROTOCOLS:
             raise ValueError(f"MQTT protocol {protocol!r} is not one of {PROTOCOLS}")
         self.url = parse_broker_url(url) if isinstance(url, str) else url
@@ -174,6 +178,7 @@ class MqttTransport:
         self._password = password if username is not None or password is not None else self.url.password
         self._will, self._ca_file, self._keepalive = will, ca_file, keepalive
         self.session_expiry_s = session_expiry_s
+        self.manual_ack = manual_ack
         self.session_present = False      # the broker resumed this client's session on the last connect
         self._failed_publishes: dict[str, int] = {}
         self._failure_logged_at = -REFUSED_DELAY_S
@@ -237,7 +242,8 @@ class MqttTransport:
     def _make_client(self, *, mqtt5: bool) -> paho.Client:
         client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=self.client_id,
                              protocol=paho.MQTTv5 if mqtt5 else paho.MQTTv311,
-                             clean_session=None if mqtt5 else self.session_expiry_s == 0)
+                             clean_session=None if mqtt5 else self.session_expiry_s == 0,
+                             manual_ack=self.manual_ack)
         client.max_queued_messages_set(10000)
         if self._username:
             client.username_pw_set(self._username, self._password)
@@ -481,10 +487,15 @@ class MqttTransport:
 
     def _deliver_to(self, handler: Handler) -> Callable[[paho.Client, object, paho.MQTTMessage], None]:
         def deliver(client: paho.Client, userdata: object, msg: paho.MQTTMessage) -> None:
+            ack = None
+            if self.manual_ack and msg.qos > 0:
+                ack = lambda mid=msg.mid, qos=msg.qos: client.ack(mid, qos)  # noqa: E731
             try:
-                handler(Message(msg.topic, bytes(msg.payload), bool(msg.retain)))
+                handler(Message(msg.topic, bytes(msg.payload), bool(msg.retain), ack))
             except Exception:
                 log.exception("%s: the handler for a message on %s failed", self.client_id, msg.topic)
+                if ack is not None:
+                    ack()
         return deliver
 
     def _on_unrouted(self, client, userdata, msg) -> None:

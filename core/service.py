@@ -6,10 +6,11 @@ and publishes the actions the logic returns on the topics the topic table names.
 that raises never stops the service: a refused frame goes to the error topic and the log,
 anything unexpected is logged with its traceback.
 
-Refused frames are reported without amplifying a flood: the first refusal of each rule in a
-``REPORT_EVERY_S`` interval is logged and published on the error topic in full; the others of
-that interval are only counted, and reported as one line and one message with the count when
-the interval ends. A flood of bad frames costs at most one report per rule per interval.
+Refused frames are reported without amplifying a flood: the first refusal of each rule on each
+topic in a ``REPORT_EVERY_S`` interval is logged and published on the error topic in full; the
+others of that interval are only counted, and reported as one line and one message per rule
+with the count when the interval ends. A flood of bad frames on one topic costs one report per
+interval; one spread over many topics at most ``MAX_REPORT_KEYS`` reports, then one per rule.
 
 Bounds: the inbox holds at most ``inbox`` messages. When it is full a newly arrived message is
 dropped (drop-newest: the messages already queued are older and closer to their deadlines),
@@ -34,6 +35,7 @@ from fogsplit.core.transport import Message, Transport
 
 LOG_EVERY_S = 10.0
 REPORT_EVERY_S = 10.0
+MAX_REPORT_KEYS = 1024     # (rule, topic) pairs reported in full per interval; beyond, per rule
 
 Handler = Callable[[Message], "Iterable[Action] | None"]
 
@@ -60,14 +62,17 @@ class Service:
         self.refused = 0
         self.inbox_dropped = 0
         self.waited_s = 0.0          # how long the item in hand waited in the inbox
-        self._reported_at: dict[str, float] = {}
+        self._reported_at: dict[tuple[str, str | None], float] = {}
         self._suppressed: dict[str, int] = {}
         self.every(REPORT_EVERY_S, self._report_suppressed)
 
     # -- wiring ---------------------------------------------------------------------------
     def route(self, topic_filter: str, handler: Handler) -> None:
         """Subscribe; ``handler`` runs on the service thread and its actions are published."""
-        self.transport.subscribe(topic_filter, lambda msg: self._enqueue((self._handle, (handler, msg))))
+        def take(msg: Message) -> None:
+            if not self._enqueue((self._handle, (handler, msg))) and msg.ack is not None:
+                msg.ack()      # dropped by the inbox's policy: counted, not left in flight
+        self.transport.subscribe(topic_filter, take)
 
     def presence(self, kind: str, topic: str, online: Callable[[], bytes], offline: bytes) -> None:
         """This component's retained status (a ``*_status`` kind of the topic table): ``online()``
@@ -138,10 +143,11 @@ class Service:
         was reported less than ``REPORT_EVERY_S`` ago (then it joins the interval's count)."""
         self.refused += 1
         now = self.clock.monotonic()
-        if now - self._reported_at.get(err.rule, -REPORT_EVERY_S) < REPORT_EVERY_S:
+        key = (err.rule, err.topic) if len(self._reported_at) < MAX_REPORT_KEYS else (err.rule, None)
+        if now - self._reported_at.get(key, -REPORT_EVERY_S) < REPORT_EVERY_S:
             self._suppressed[err.rule] = self._suppressed.get(err.rule, 0) + 1
             return
-        self._reported_at[err.rule] = now
+        self._reported_at[key] = now
         report = {"by": self.name, **err.as_report()}
         self.log.warning("%s: refused frame on %s from %s event %s: %s", self.name, err.topic,
                          err.device, err.event, err)
@@ -149,11 +155,15 @@ class Service:
 
     def _report_suppressed(self) -> None:
         counts, self._suppressed = self._suppressed, {}
+        now = self.clock.monotonic()
+        self._reported_at = {k: t for k, t in self._reported_at.items() if now - t < REPORT_EVERY_S}
         for rule, count in counts.items():
             self.log.warning("%s: %d more frames refused by rule %r in the last %.0fs (first one reported above)",
                              self.name, count, rule, REPORT_EVERY_S)
             self.send("error", self.topics.error, json.dumps(
-                {"by": self.name, "rule": rule, "count": count, "interval_s": REPORT_EVERY_S}).encode())
+                {"by": self.name, "rule": rule, "detail": f"{count} more frames refused in {REPORT_EVERY_S:.0f}s",
+                 "device": None, "event": None, "topic": None, "count": count,
+                 "interval_s": REPORT_EVERY_S}).encode())
 
     # -- hooks for subclasses -------------------------------------------------------------
     def next_timer(self) -> float | None:
@@ -216,7 +226,12 @@ class Service:
             pass   # the loop is busy and will see the stop flag after the item in hand
 
     def _handle(self, handler: Handler, msg: Message) -> None:
-        self.apply(handler(msg))
+        """Handle a message and publish what it asks; a manual ack goes after those publishes."""
+        try:
+            self.apply(handler(msg))
+        finally:
+            if msg.ack is not None:
+                msg.ack()
 
     def _loop(self) -> None:
         while not self._stopping.is_set():

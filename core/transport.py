@@ -30,6 +30,7 @@ class Message:
     topic: str
     payload: bytes
     retain: bool = False
+    ack: Callable[[], None] | None = None   # a transport with manual acks: call once the message is handled
 
 
 Handler = Callable[[Message], None]

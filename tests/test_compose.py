@@ -931,27 +931,32 @@ def _topic_table(t: Topics) -> dict[str, str]:
             "cloud-status": t.cloud_status("cloud0"), "cloud-stats": t.cloud_stats("cloud0"),
             "cmd": t.cmd(CELL, "thresholds"), "rollout": t.rollout(CELL),
             "rollout-status/cam0": t.rollout_status(CELL, "device", "cam0"),
-            "rollout-status/gw0": t.rollout_status(CELL, "gateway", "gw0"), "error": t.error}
+            "rollout-status/gw0": t.rollout_status(CELL, "gateway", "gw0"), "error": t.error,
+            "late/cam0": t.late(CELL, "cam0"), "ack": t.ack(CELL), "cloud-result": t.cloud_result(CELL),
+            "replay": t.replay(CELL), "replay-reply": t.replay_reply(CELL, "app")}
 
 
 ALL_KEYS = set(_topic_table(Topics()))
 MAY_PUBLISH = {
-    "cam0": {"scores/cam0", "feature/cam0", "raw/cam0", "status/cam0", "stats/cam0", "rollout-status/cam0", "error"},
+    "cam0": {"scores/cam0", "feature/cam0", "late/cam0", "raw/cam0", "status/cam0", "stats/cam0",
+             "rollout-status/cam0", "error"},
     "cam1": {"scores/cam1", "error"},
-    "gateway": {"request", "forward", "result", "gw-status", "gw-stats", "rollout-status/gw0", "error"},
-    "cloud": {"result", "cloud-status", "cloud-stats", "error"},
-    "operator": {"cmd", "rollout"},
-    "bridge": {"forward", "result", "status/cam0", "stats/cam0", "gw-status", "gw-stats", "rollout-status/cam0",
-               "rollout-status/gw0", "error"},
+    "gateway": {"request", "ack", "forward", "result", "replay-reply", "gw-status", "gw-stats", "rollout-status/gw0",
+                "error"},
+    "cloud": {"cloud-result", "result", "cloud-status", "cloud-stats", "error"},
+    "operator": {"cmd", "rollout", "replay"},
+    "bridge": {"forward", "result", "replay-reply", "status/cam0", "stats/cam0", "gw-status", "gw-stats",
+               "rollout-status/cam0", "rollout-status/gw0", "error"},
 }
 _ROLLOUT_READS = {"rollout", "rollout-status/cam0", "rollout-status/gw0"}
 MAY_READ = {
-    "cam0": {"request", "result", "cmd", *_ROLLOUT_READS},
-    "cam1": {"request", "result", "cmd", *_ROLLOUT_READS},
-    "gateway": {"scores/cam0", "feature/cam0", "status/cam0", "scores/cam1", "cmd", "result", *_ROLLOUT_READS},
+    "cam0": {"request", "ack", "gw-status", "result", "cmd", *_ROLLOUT_READS},
+    "cam1": {"request", "ack", "gw-status", "result", "cmd", *_ROLLOUT_READS},
+    "gateway": {"scores/cam0", "feature/cam0", "late/cam0", "status/cam0", "scores/cam1", "cmd", "cloud-result",
+                "replay", *_ROLLOUT_READS},
     "cloud": {"forward", "raw/cam0", "status/cam0", *_ROLLOUT_READS},
     "operator": ALL_KEYS,
-    "bridge": {"cmd", "rollout"},
+    "bridge": {"cmd", "cloud-result", "replay", "rollout"},
 }
 
 
@@ -979,7 +984,8 @@ def test_each_role_receives_exactly_what_the_acl_grants(connect):
     # Each reader subscribes to everything there is and is handed only what it may read.
     readers = {user: connect(acct(t, user)).subscribe("fogsplit/#") for user in MAY_READ}
     writers = {user: connect(acct(t, user)) for user in ("cam0", "cam1", "gateway", "cloud", "operator")}
-    writer_of = {"cloud-status": "cloud", "cloud-stats": "cloud", "cmd": "operator", "rollout": "operator",
+    writer_of = {"cloud-status": "cloud", "cloud-stats": "cloud", "cloud-result": "cloud", "cmd": "operator",
+                 "rollout": "operator", "replay": "operator",
                  "scores/cam1": "cam1"}
     for key, topic in table.items():
         user = writer_of.get(key, "cam0" if key.endswith("/cam0") else "gateway")

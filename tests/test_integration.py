@@ -92,7 +92,7 @@ def test_bad_frames_are_refused_on_the_error_topic_and_serving_goes_on(broker, b
     # A device that came online with another model: its status is refused, then its frames.
     watcher.publish(topics.device_status(cell, "cam1"), status_payload("online", model="older", rate=rate))
     # rumqttd keeps no order between topics: let the status land before the frame it governs.
-    assert wait_until(lambda: any(e["topic"].endswith("cam1/status") for e in errors), timeout=10), errors
+    assert wait_until(lambda: any(str(e["topic"]).endswith("cam1/status") for e in errors), timeout=10), errors
     watcher.publish(topics.scores(cell, "cam1"), encode_slot_frame(SCORES, event=7, tensor=scores, **good))
     want = sorted([*bad, "model", "model"])
     assert wait_until(lambda: len(errors) >= len(want), timeout=10), errors

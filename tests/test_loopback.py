@@ -5,7 +5,7 @@ import pytest
 
 from fogsplit.core.loopback import LoopbackBroker, LoopbackTransport, topic_matches
 from fogsplit.core.transport import Message
-from fogsplit.core.wire import publish_packet_size
+from fogsplit.core.wire import WireMeter, publish_packet_size
 
 
 @pytest.fixture
@@ -117,7 +117,7 @@ def test_a_second_connection_with_the_same_id_takes_the_session_over(broker):
 
 
 def test_offline_publishes_qos0_dropped_qos1_queued_and_sent_on_reconnect(broker):
-    dev = client(broker, "cam0")
+    dev = LoopbackTransport(broker, "cam0", meter=WireMeter(max_events=100)).connect()
     got = inbox(client(broker, "watch"), "d/#")
     dev.drop()
     assert dev.publish("d/scores", b"s", qos=0) == 0
@@ -127,7 +127,7 @@ def test_offline_publishes_qos0_dropped_qos1_queued_and_sent_on_reconnect(broker
     assert [m.topic for m in got] == ["d/feature"]
     assert dev.meter.snapshot()[0] == {7: publish_packet_size("d/feature", 1, 1)}
     assert dev.stats() == {"connects": 2, "disconnects": 1, "sent": 1, "dropped_offline": 1, "queued_offline": 1,
-                           "refused_publishes": 0, "withheld_refused": 0}
+                           "refused_publishes": 0, "withheld_refused": 0, "failed_publishes": 0}
 
 
 def test_subscribing_before_connect_takes_effect_on_connect(broker):
