@@ -173,7 +173,12 @@ class DeviceAgent(Service):
             self.apply(self.logic.replay())
 
     def _on_gateway_status(self, msg):
-        if not msg.retain and b'"online"' in msg.payload:
+        """A gateway that just came online (not a retained status) hears this device's status."""
+        try:
+            online = not msg.retain and json.loads(msg.payload).get("state") == "online"
+        except (ValueError, UnicodeDecodeError, AttributeError):
+            online = False
+        if online:
             self.send("device_status", self.topics.device_status(self.cell, self.device), self._status_online())
         return []
 
