@@ -19,12 +19,21 @@ from fogsplit.export.datasets import load_data
 log = logging.getLogger(__name__)
 
 
-def build_report(fog: Outcome, raw: Outcome, single: dict[str, float]) -> dict:
+def build_report(fog: Outcome, raw: Outcome, single: dict[str, float], lean: Outcome | None = None) -> dict:
+    """``fog`` streamed in the reliable delivery mode, ``lean`` (if given) in the lean one."""
     report = summarize(fog)
     raw_summary = summarize(raw)
+    report["delivery"] = "reliable"
     report["raw_bytes_per_event"] = raw_summary["bytes_per_event"]
     report["reduction"] = round(raw_summary["bytes_per_event"] / report["bytes_per_event"], 2) \
         if report["bytes_per_event"] else None
+    if lean is not None:
+        lean_summary = summarize(lean)
+        report["lean"] = {"bytes_per_event": lean_summary["bytes_per_event"],
+                          "reduction": round(raw_summary["bytes_per_event"] / lean_summary["bytes_per_event"], 2)
+                          if lean_summary["bytes_per_event"] else None,
+                          "accuracy": lean_summary["accuracy"]["overall"], "lost": lean_summary["lost"],
+                          "duplicates": lean_summary["duplicates"]}
     report["single_device_accuracy"] = max(single.values())
     report["device_accuracy"] = single
     report["cloud_only_accuracy"] = raw_summary["accuracy"]["overall"]
@@ -74,12 +83,14 @@ def run_demo(*, data: str = "images", broker: str | None = None, events: int | N
         try:
             log.info("streaming %d test events at %.0f/s through %s", len(test), rate, url)
             fog = stream_test_set(url, bundle, test, fleet=fleet, cell=cell, rate=rate)
+            log.info("streaming them again in the lean delivery mode (no spool, no acks)")
+            lean = stream_test_set(url, bundle, test, fleet=fleet, cell=cell, rate=rate, delivery="lean")
             log.info("streaming them again as raw samples to the cloud-only model")
             raw = stream_test_set(url, bundle, test, policy="raw", fleet=fleet, cell=cell, rate=rate)
         finally:
             if embedded:
                 embedded.stop()
-        report = build_report(fog, raw, single_device_accuracy(bundle, test))
+        report = build_report(fog, raw, single_device_accuracy(bundle, test), lean)
     report = {"data": dataset.name, "model": bundle.manifest.model_id, "broker": f"embedded {embedded.kind}" if embedded else url,
               **report, "thresholds": bundle.manifest.thresholds,
               "seconds": {"train": round(train_seconds, 1), "total": round(time.perf_counter() - started, 1)}}
@@ -100,8 +111,10 @@ def format_report(r: dict) -> str:
         f"  events {r['events']}  results {r['results']}  lost {r['lost']}  duplicates {r['duplicates']}",
         f"  accuracy     overall {pct(a['overall'])}  " + "  ".join(f"{t} {pct(a[t])}" for t in EXIT_TIERS),
         "  exits        " + "  ".join(f"{t} {pct(x[t])}" for t in EXIT_TIERS),
-        f"  bytes/event  {r['bytes_per_event']:.0f}  raw offload {r['raw_bytes_per_event']:.0f}  "
-        f"reduction {r['reduction']}x",
+        f"  bytes/event  {r['bytes_per_event']:.0f} reliable (reduction {r['reduction']}x)"
+        + (f", {r['lean']['bytes_per_event']:.0f} lean ({r['lean']['reduction']}x, accuracy "
+           f"{pct(r['lean']['accuracy'])}, lost {r['lean']['lost']})" if "lean" in r else "")
+        + f"  raw offload {r['raw_bytes_per_event']:.0f}",
         "  latency ms   p50/p95/p99  " + "  ".join(f"{t} {lat(t)}" for t in EXIT_TIERS),
         f"  best single device {pct(r['single_device_accuracy'])}  cloud-only on raw data "
         f"{pct(r['cloud_only_accuracy'])}",

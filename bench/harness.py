@@ -18,7 +18,7 @@ from fogsplit.core.mqtt import Message, MqttTransport, wait_until
 from fogsplit.core.wire import WireMeter
 from fogsplit.core.results import EXIT_TIERS, Result
 from fogsplit.core.runner import ShardRunner
-from fogsplit.core.settings import DeviceCacheSettings, DeviceSettings
+from fogsplit.core.settings import DeviceCacheSettings, DeviceSettings, GatewaySettings
 from fogsplit.core.service import status_payload
 from fogsplit.core.topics import Topics
 from fogsplit.device.agent import DeviceAgent
@@ -67,10 +67,11 @@ class Outcome:
 def stream_test_set(url: str, bundle: Bundle, test: Dataset, *, policy: str = "request",
                     fleet: str = "demo", cell: str = "cell0", rate: float = 25.0,
                     missing: tuple[str, ...] = (), gateway_settings=None, settle_s: float = 5.0,
-                    device_cache=None, cloud_link=None) -> Outcome:
+                    device_cache=None, cloud_link=None, delivery: str = "reliable") -> Outcome:
     """Start a cloud worker, a gateway and one agent per sensor, replay ``test`` through them.
 
     ``policy`` is the devices' (``request``, ``eager``, or ``raw`` for the cloud-only baseline);
+    ``delivery`` the cell's (``reliable``: spools and acks; ``lean``: neither, docs/reliability.md);
     devices in ``missing`` are never started, as if dead. ``device_cache`` (CacheSettings) gives
     every device its own semantic cache; ``cloud_link`` wraps the cloud worker's transport (the
     cache benchmark emulates a WAN with it).
@@ -92,6 +93,7 @@ def stream_test_set(url: str, bundle: Bundle, test: Dataset, *, policy: str = "r
     else:
         cloud_transport = connect("cloud0")
         services.append(CloudWorker(cloud_link(cloud_transport) if cloud_link else cloud_transport, topics, bundle))
+        gateway_settings = msgspec.structs.replace(gateway_settings or GatewaySettings(), delivery=delivery)
         gateway = Gateway(connect("gw0"), topics, bundle, cell=cell, settings=gateway_settings)
         services.append(gateway)
     n = len(test)
@@ -101,7 +103,7 @@ def stream_test_set(url: str, bundle: Bundle, test: Dataset, *, policy: str = "r
             continue
         source = ReplaySource(test.sensors[sensor], rate=rate, start_slot=None, count=n)
         sources.append(source)
-        settings = DeviceSettings(policy=policy, rate=rate, cache=device_cache and DeviceCacheSettings(
+        settings = DeviceSettings(policy=policy, rate=rate, delivery=delivery, cache=device_cache and DeviceCacheSettings(
             **msgspec.structs.asdict(device_cache)))
         services.append(DeviceAgent(connect(sensor), topics, bundle, cell=cell, device=sensor, source=source,
                                     settings=settings))
