@@ -7,10 +7,8 @@ they are its own: ``local`` and ``edge`` (exit thresholds, normalised entropy in
 """
 from __future__ import annotations
 
-import json
-import math
-
 from fogsplit.core.errors import FrameError
+from fogsplit.core.untrusted import is_number, json_object, show
 
 THRESHOLD_BOUNDS = {"local": 1.0, "edge": 1.0, "cache": 2.0, "device_cache": 2.0}
 
@@ -21,16 +19,15 @@ def parse_thresholds(payload: bytes, topic: str) -> dict[str, float]:
     bounds. Nothing of a refused command applies."""
     setting = topic.rsplit("/", 1)[-1]
     try:
-        body = json.loads(payload)
-    except ValueError:
+        body = json_object(payload, "cmd", "the command")
+    except FrameError:
         body = None
-    if setting != "thresholds" or not isinstance(body, dict):
-        raise FrameError("cmd", f"unknown command {setting!r} or body not a JSON object; known: thresholds "
+    if setting != "thresholds" or body is None:
+        raise FrameError("cmd", f"unknown command {show(setting)} or body not a JSON object; known: thresholds "
                                 "{\"local\": x, \"edge\": y, \"cache\": z, \"device_cache\": w}", topic=topic)
     unknown = sorted(set(body) - set(THRESHOLD_BOUNDS))
     bad = sorted(k for k, v in body.items() if k in THRESHOLD_BOUNDS and (
-        not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v)
-        or not 0 <= v <= THRESHOLD_BOUNDS[k]))
+        not is_number(v) or not 0 <= v <= THRESHOLD_BOUNDS[k]))
     if unknown or bad or not body:
         raise FrameError("cmd", f"thresholds: unknown keys {unknown} (known {sorted(THRESHOLD_BOUNDS)}), "
                                 f"values out of bounds {THRESHOLD_BOUNDS} for {bad}"

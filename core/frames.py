@@ -52,6 +52,7 @@ import numpy as np
 
 from fogsplit.core.codecs import CodecSpec, decode_tensor, encode_tensor
 from fogsplit.core.errors import FrameError
+from fogsplit.core.untrusted import show
 
 PROTOCOL_VERSION = 2
 MAX_FRAME_BYTES = 1 << 20
@@ -235,7 +236,7 @@ def _check(body: object, leaf: str, expect: Expect, device: str | None = None) -
         raise FrameError("layout", f"frame is a {type(body).__name__}, not a msgpack array "
                                    f"(protocol {PROTOCOL_VERSION})")
     if body[0] != expect.tag:
-        raise FrameError("model", f"frame tag {body[0]!r} is not {expect.tag}, the tag of model {expect.model!r} "
+        raise FrameError("model", f"frame tag {show(body[0])} is not {expect.tag}, the tag of model {expect.model!r} "
                                   f"under protocol {PROTOCOL_VERSION}: the sender runs another model or protocol")
     kinds = LEAF_KINDS[leaf]
     if GONE in kinds and len(body) == 2 and isinstance(body[1], list):
@@ -244,7 +245,7 @@ def _check(body: object, leaf: str, expect: Expect, device: str | None = None) -
     if kind in (FOG_SLICE, FOG_ANSWER):
         _need_len(body, (3,) if kind == FOG_SLICE else (4,), kind)
         if not _is_event_id(body[1]):
-            raise FrameError("event", f"event id {body[1]!r} is not a non-negative integer")
+            raise FrameError("event", f"event id {show(body[1])} is not a non-negative integer")
         if kind == FOG_SLICE:
             return Frame(kind=kind, event=body[1], tensor=_check_tensor(body[2], FOG_SLICE, expect))
         return Frame(kind=kind, event=body[1], tensor=_check_tensor(body[2], SCORES, expect),
@@ -266,15 +267,15 @@ def _check(body: object, leaf: str, expect: Expect, device: str | None = None) -
         _need_len(body, (5,), kind)
         _, event, captured, mask, payload = body
         if not _is_event_id(event):
-            raise FrameError("event", f"event id {event!r} is not a non-negative integer")
+            raise FrameError("event", f"event id {show(event)} is not a non-negative integer")
         if not isinstance(captured, float) or not math.isfinite(captured) or captured < 0:
-            raise FrameError("time", f"capture time {captured!r} is not a finite non-negative number")
+            raise FrameError("time", f"capture time {show(captured)} is not a finite non-negative number")
         return Frame(kind=FORWARD, event=event, captured=captured, devices=_check_mask(mask, expect.sensors),
                      tensor=_check_tensor(payload, FORWARD, expect))
     _need_len(body, (3, 4, 5) if kind == SCORES else (3,), kind)
     slot = body[1]
     if not isinstance(slot, int) or isinstance(slot, bool) or not 0 <= slot < SLOT_MOD:
-        raise FrameError("event", f"event slot {slot!r} is not an integer in 0..{SLOT_MOD - 1}")
+        raise FrameError("event", f"event slot {show(slot)} is not an integer in 0..{SLOT_MOD - 1}")
     tensor = _check_raw(body[2], device, expect) if kind == RAW else _check_tensor(body[2], kind, expect)
     extra = body[3:]
     vote = _check_vote(extra.pop(), expect) if extra and not isinstance(extra[-1], bytes) else None
@@ -289,9 +290,9 @@ def _check_late(body: list, expect: Expect) -> Frame:
     _need_len(body, (4, 5, 6), LATE)
     event, captured = body[1], body[2]
     if not _is_event_id(event):
-        raise FrameError("event", f"event id {event!r} is not a non-negative integer")
+        raise FrameError("event", f"event id {show(event)} is not a non-negative integer")
     if not isinstance(captured, float) or not math.isfinite(captured) or captured < 0:
-        raise FrameError("time", f"capture time {captured!r} is not a finite non-negative number")
+        raise FrameError("time", f"capture time {show(captured)} is not a finite non-negative number")
     if len(body) == 4:
         if not isinstance(body[3], str) or not body[3] or len(body[3]) > MAX_REASON:
             raise FrameError("layout", f"a lost notice ends with its reason, 1 to {MAX_REASON} characters")
@@ -305,7 +306,7 @@ def _check_late(body: list, expect: Expect) -> Frame:
 def _check_vote(vote: object, expect: Expect) -> int:
     classes = expect.shapes[SCORES][0]
     if not isinstance(vote, int) or isinstance(vote, bool) or not 0 <= vote < classes:
-        raise FrameError("vote", f"cache vote {vote!r} is not a class index 0..{classes - 1}")
+        raise FrameError("vote", f"cache vote {show(vote)} is not a class index 0..{classes - 1}")
     return vote
 
 
@@ -324,7 +325,7 @@ def _check_slots(slots: object, what: str) -> tuple[int, ...]:
 
 def _check_mask(mask: object, sensors: tuple[str, ...]) -> tuple[str, ...]:
     if not isinstance(mask, int) or isinstance(mask, bool) or not 0 < mask < (1 << len(sensors)):
-        raise FrameError("devices", f"device mask {mask!r} names no device of this model's {len(sensors)}")
+        raise FrameError("devices", f"device mask {show(mask)} names no device of this model's {len(sensors)}")
     return mask_to_devices(mask, sensors)
 
 

@@ -7,7 +7,9 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from fogsplit.core.errors import FrameError
+from fogsplit.core.untrusted import is_number, json_object, show
 from fogsplit.core.exits import softmax
+from fogsplit.core.frames import MAX_EVENT_ID
 
 EXIT_TIERS = ("local", "edge", "cloud", "cache")  # cache: answered from a semantic cache (docs/cache.md)
 OPTIONAL = ("nodes", "late_s", "reason")           # left out of the JSON when unset
@@ -49,13 +51,22 @@ class Result:
 
 def parse_result(payload: bytes, topic: str | None = None) -> Result:
     """A result read off a result topic; a malformed one raises :class:`FrameError`."""
+    body = json_object(payload, "result", "the result", topic=topic)
     try:
-        result = Result.from_json(payload)
-    except (ValueError, TypeError, KeyError, AttributeError) as exc:
-        raise FrameError("result", f"not a result JSON object ({type(exc).__name__}: {exc})", topic=topic) from None
-    if not isinstance(result.event, int) or not isinstance(result.label, int) or not isinstance(result.exit, str) \
-            or not isinstance(result.model, str):
-        raise FrameError("result", "result fields event, label, exit, model have the wrong types", topic=topic)
+        body["cls"] = body.pop("class")
+        result = Result(**body)
+    except (TypeError, KeyError) as exc:
+        raise FrameError("result", f"not a result object ({type(exc).__name__}: {show(str(exc))})",
+                         topic=topic) from None
+    ok = (isinstance(result.event, int) and not isinstance(result.event, bool) and 0 <= result.event <= MAX_EVENT_ID
+          and isinstance(result.label, int) and not isinstance(result.label, bool) and -1 <= result.label < 1 << 16
+          and isinstance(result.exit, str) and isinstance(result.model, str) and isinstance(result.cls, str)
+          and is_number(result.captured) and result.captured >= 0 and is_number(result.confidence)
+          and is_number(result.latency_ms) and isinstance(result.devices, list)
+          and all(isinstance(d, str) for d in result.devices) and isinstance(result.degraded, bool))
+    if not ok:
+        raise FrameError("result", "result fields have the wrong types or values (event: an id, label: a class "
+                                   "index, captured: epoch seconds, devices: names)", topic=topic)
     return result
 
 

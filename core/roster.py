@@ -10,13 +10,14 @@ out. A receiver that has never heard a device's status may be given the cell's c
 """
 from __future__ import annotations
 
-import json
-import math
 from dataclasses import dataclass, replace
 
 from fogsplit.core.errors import FrameError
-from fogsplit.core.frames import GONE, Expect, Frame, decode_frame, unwrap_slot
+from fogsplit.core.untrusted import is_number, json_object, show
+from fogsplit.core.frames import GONE, MAX_EVENT_ID, Expect, Frame, decode_frame, unwrap_slot
 from fogsplit.core.topics import device_of
+
+MAX_RATE = 10_000.0     # captures per second, as DeviceSettings.rate
 
 
 @dataclass(frozen=True)
@@ -28,22 +29,19 @@ class DeviceStatus:
 
 def parse_status(payload: bytes, device: str, topic: str | None = None) -> DeviceStatus:
     """A device's status JSON: ``{"state": "online"|"offline", "model": id, "rate": captures/s}``."""
-    try:
-        body = json.loads(payload)
-    except (ValueError, UnicodeDecodeError):
-        body = None
-    if not isinstance(body, dict) or body.get("state") not in ("online", "offline"):
-        raise FrameError("status", f"status of {device!r} is not JSON with a 'state' of online or offline",
+    body = json_object(payload, "status", f"the status of {device!r}", topic=topic, device=device)
+    if body.get("state") not in ("online", "offline"):
+        raise FrameError("status", f"status of {device!r} has no 'state' of online or offline",
                          device=device, topic=topic)
     rate = body.get("rate")
-    if body["state"] == "online" and rate is not None and (
-            not isinstance(rate, (int, float)) or isinstance(rate, bool) or not 0 < rate < 1e6
-            or not math.isfinite(rate)):
-        raise FrameError("status", f"status of {device!r} has capture rate {rate!r}, not a positive number",
-                         device=device, topic=topic)
+    if rate is not None and (not is_number(rate) or not 0 < rate < MAX_RATE):
+        raise FrameError("status", f"status of {device!r} has capture rate {show(rate)}, not a number in "
+                                   f"(0, {MAX_RATE:g})", device=device, topic=topic)
     model = body.get("model")
-    return DeviceStatus(body["state"], model if isinstance(model, str) else None,
-                        float(rate) if rate is not None else None)
+    if model is not None and (not isinstance(model, str) or len(model) > 128):
+        raise FrameError("status", f"status of {device!r} names model {show(model)}, not an id", device=device,
+                         topic=topic)
+    return DeviceStatus(body["state"], model, float(rate) if rate is not None else None)
 
 
 class Roster:
@@ -87,6 +85,8 @@ class Roster:
             raise FrameError("model", f"{device!r} runs model {status.model!r}, this tier {self.model!r}",
                              device=device)
         event = unwrap_slot(slot, round(now * rate))
+        if event > MAX_EVENT_ID:
+            raise FrameError("event", f"event {event} of {device!r} is beyond the largest event id", device=device)
         return event, event / rate
 
 

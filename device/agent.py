@@ -24,7 +24,9 @@ from fogsplit.core.rollout import Trust
 from fogsplit.core.rollout_link import RolloutLink
 from fogsplit.core.service import Service, status_payload
 from fogsplit.core.settings import DeviceSettings, RolloutSettings
+from fogsplit.core.errors import FrameError
 from fogsplit.core.topics import Topics
+from fogsplit.core.untrusted import json_object
 from fogsplit.core.transport import Transport
 
 from fogsplit.device.logic import DeviceLogic, DeviceStats, FeatureStore, run_device_shard
@@ -175,8 +177,8 @@ class DeviceAgent(Service):
     def _on_gateway_status(self, msg):
         """A gateway that just came online (not a retained status) hears this device's status."""
         try:
-            online = not msg.retain and json.loads(msg.payload).get("state") == "online"
-        except (ValueError, UnicodeDecodeError, AttributeError):
+            online = not msg.retain and json_object(msg.payload, "status", "a gateway status").get("state") == "online"
+        except FrameError:
             online = False
         if online:
             self.send("device_status", self.topics.device_status(self.cell, self.device), self._status_online())

@@ -7,13 +7,13 @@ has a lost node's channels at zero, as the nodes were trained with nodes lost at
 """
 from __future__ import annotations
 
-import json
 from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from fogsplit.core.errors import FrameError
+from fogsplit.core.untrusted import json_object
 from fogsplit.core.frames import FOG_SLICE, decode_frame, encode_fog_frame
 from fogsplit.core.manifest import Manifest, expect_fog
 from fogsplit.core.topics import device_of
@@ -93,11 +93,8 @@ class FogGather:
         """A node's retained status; an offline node is waited for no more: the events it alone
         held back are returned."""
         node = device_of(msg.topic)
-        try:
-            state = json.loads(msg.payload)["state"]
-        except (ValueError, UnicodeDecodeError, TypeError, KeyError) as exc:
-            raise FrameError("status", f"not a status JSON object ({type(exc).__name__})", device=node,
-                             topic=msg.topic) from None
+        state = json_object(msg.payload, "status", f"the status of fog node {node!r}", device=node,
+                            topic=msg.topic).get("state")
         if node not in self.nodes:
             return []
         if state != "offline":

@@ -12,6 +12,8 @@ from dataclasses import asdict
 
 from fogsplit.core.actions import Answer, Refuse
 from fogsplit.core.errors import FrameError
+from fogsplit.core.results import parse_result
+from fogsplit.core.untrusted import is_number, json_object, show
 from fogsplit.core.clock import SYSTEM_CLOCK, Clock
 from fogsplit.core.discovery import cell_configs
 from fogsplit.core.manifest import Bundle
@@ -23,7 +25,7 @@ from fogsplit.core.roster import DeviceStatus
 from fogsplit.core.runner import ShardRunner
 from fogsplit.core.service import Service, status_payload
 from fogsplit.core.settings import GatewaySettings, RolloutSettings
-from fogsplit.core.topics import Topics
+from fogsplit.core.topics import Topics, check_name
 from fogsplit.core.transport import Transport
 
 from fogsplit.gateway.fog import FogSlice
@@ -31,7 +33,8 @@ from fogsplit.gateway.journal import Journal
 from fogsplit.gateway.logic import MEMORY_JOURNAL_ROWS, GatewayLogic, GatewayStats
 
 PRUNE_EVERY_S = 10.0
-REPLAY_MAX = 10_000     # results one replay request may ask for
+REPLAY_MAX = 10_000     # results replayed per REPLAY_PERIOD_S, to every application together
+REPLAY_PERIOD_S = 10.0
 
 __all__ = ["Gateway", "GatewaySettings", "GatewayStats"]
 
@@ -44,6 +47,7 @@ class Gateway(Service):
         super().__init__(transport, topics, f"{cell}/{gateway}", inbox=settings.inbox, clock=clock)
         m = bundle.manifest
         self.cell, self.gateway = cell, gateway
+        self._replay_window = [clock.monotonic(), 0]     # [start, results replayed in it]
         self.journal = Journal(settings.journal, window_s=settings.replay_window_s,
                                max_rows=settings.journal_max if settings.journal else
                                min(settings.journal_max, MEMORY_JOURNAL_ROWS))
@@ -117,27 +121,37 @@ class Gateway(Service):
     def _on_cloud_result(self, msg):
         """A cloud answer goes to the logic of the model it names (the current one otherwise)."""
         self._follow_schedule()
-        try:
-            model = json.loads(msg.payload).get("model")
-        except (ValueError, UnicodeDecodeError, AttributeError):
-            model = None
+        model = parse_result(msg.payload, msg.topic).model
         return self.models.logics.get(model, self.logic).on_cloud_result(msg)
 
     def _on_replay(self, msg):
         """An application asks for the results it may have missed: ``{"client": name, "since":
-        capture time}``; they go to its reply topic, then ``{"done": true, "count": n}``."""
+        capture time}``; they go to its reply topic, then ``{"done": true, "count": n}``. At most
+        ``REPLAY_MAX`` results per ``REPLAY_PERIOD_S``, whoever asks: a flood of requests must not
+        become a flood of results (or starve the cell's events)."""
+        body = json_object(msg.payload, "replay", 'a replay request {"client": name, "since": capture time}',
+                           topic=msg.topic)
+        client, since = body.get("client"), body.get("since")
         try:
-            body = json.loads(msg.payload)
-            client, since = body["client"], float(body["since"])
-            topic = self.topics.replay_reply(self.cell, client)
-        except (ValueError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as exc:
-            raise FrameError("replay", f"a replay request is JSON {{\"client\": name, \"since\": capture time}} "
-                                       f"({type(exc).__name__}: {exc})", topic=msg.topic) from None
-        results = self.journal.since(since, REPLAY_MAX)
+            check_name("client", client)
+        except ValueError as exc:
+            raise FrameError("replay", str(exc), topic=msg.topic) from None
+        if not is_number(since):
+            raise FrameError("replay", f"'since' {show(since)} is not a capture time (epoch seconds)", topic=msg.topic)
+        now = self.clock.monotonic()
+        if now - self._replay_window[0] >= REPLAY_PERIOD_S:
+            self._replay_window = [now, 0]
+        budget = REPLAY_MAX - self._replay_window[1]
+        if budget <= 0:
+            raise FrameError("replay", f"more than {REPLAY_MAX} results replayed in {REPLAY_PERIOD_S:.0f}s: ask "
+                                       "again later", topic=msg.topic)
+        topic = self.topics.replay_reply(self.cell, client)
+        results = self.journal.since(float(since), budget)
+        self._replay_window[1] += len(results)
         for payload in results:
             self.transport.publish(topic, payload, qos=1)
         self.transport.publish(topic, json.dumps({"done": True, "count": len(results)}).encode(), qos=1)
-        self.log.info("%s: replayed %d results since %.3f to %s", self.name, len(results), since, client)
+        self.log.info("%s: replayed %d results since %.3f to %s", self.name, len(results), float(since), client)
         return []
 
     def next_timer(self) -> float | None:
@@ -217,9 +231,11 @@ class Gateway(Service):
         """A device's status goes to the logic of the model it names (to every one when offline)."""
         self._follow_schedule()
         try:
-            body = json.loads(msg.payload)
+            body = json_object(msg.payload, "status", "a device status")
             model = body.get("model") if body.get("state") == "online" else None
-        except (ValueError, UnicodeDecodeError, AttributeError):
+        except FrameError:
+            model = None
+        if not isinstance(model, str):
             model = None
         if model in self.models.logics:
             return self.models.logics[model].on_status(msg)

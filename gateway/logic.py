@@ -249,21 +249,20 @@ class GatewayLogic:
 
     @refusing
     def on_cloud_result(self, msg: Message) -> list[Action]:
-        """A cloud worker's answer to a forwarded event: the event's result, unless the journal
-        says it was answered already (a re-forward answered twice, or after a restart)."""
+        """A cloud worker's answer to an event this gateway forwarded and still waits on. Any
+        other (a re-forward answered twice, an answer to the gateway's previous run, a forged
+        one) is dropped and counted: the event is, or will be, answered by its own path."""
         result = parse_result(msg.payload, msg.topic)
         now = self.clock.monotonic()
         if self.cache is not None:
             self.cache.on_result(result.event, result.label, result.exit, result.model, now)
         ev = self.assembler.open.get(result.event)
-        if (ev is None or ev.stage != "cloud") and self._answered(result.event):
+        if ev is None or ev.stage != "cloud" or result.model != self.manifest.model_id:
             self.stats.duplicate_answers += 1
             return []
-        if ev is not None and ev.stage != "cloud":
-            return []     # a stale answer to an event this gateway reopened (a replay): its own path answers it
-        wall = self.clock.time()
-        answer = replace(result, latency_ms=round((wall - result.captured) * 1000.0, 3),
-                         late=ev is not None and ev.late_s is not None, late_s=ev.late_s if ev is not None else None)
+        answer = replace(result, exit="cloud", devices=list(ev.answered_by), captured=ev.captured,
+                         latency_ms=round((self.clock.time() - ev.captured) * 1000.0, 3), degraded=False,
+                         nodes=ev.nodes, late=ev.late_s is not None, late_s=ev.late_s, reason=None)
         return self._publish(answer, ev)
 
     def next_deadline(self) -> float | None:
