@@ -225,12 +225,14 @@ class GatewayLogic:
             raise FrameError("model", f"{device!r} came online with model {status.model!r}, this gateway runs "
                                       f"{self.manifest.model_id!r}; its frames are refused", device=device,
                              topic=msg.topic)
+        was_waited_for = device in self.assembler.online
         if status.state == "online":
             self.assembler.online.add(device)
         else:
             self.assembler.online.discard(device)
-        log.info("%s: device %s is %s; waiting for %s", self.name, device, status.state,
-                 sorted(self.assembler.expected()))
+        if was_waited_for != (status.state == "online"):      # a repeated status is not news
+            log.info("%s: device %s is %s; waiting for %s", self.name, device, status.state,
+                     sorted(self.assembler.expected()))
         return self._stop_waiting_for(device) if status.state == "offline" else []
 
     @refusing
