@@ -307,14 +307,19 @@ def load(args: argparse.Namespace) -> Loaded:
     return load_config(args.role, path=args.config, flags=flags)
 
 
-SESSION_EXPIRY_S = {"gateway": 300, "cloud": 300}
+# Cloud workers start clean: Mosquitto keeps routing a shared subscription's messages to a
+# member whose persistent session outlives it, so a dead worker held every other forward until
+# the gateway's retry (p99 14 s with one of two workers killed, bench faults); the gateway's
+# end-to-end retry makes their session unnecessary (docs/reliability.md).
+SESSION_EXPIRY_S = {"gateway": 300}
 
 
 def _transport(broker: BrokerSettings, client_id: str, role: str = "") -> MqttTransport:
     """The connection of a service; the service sets its own presence (birth and will) on it.
-    The gateway and cloud workers keep a session at the broker while they restart (what comes
-    for them meanwhile waits there); the others start clean unless configured. A cloud worker
-    acknowledges a forward only once it has answered it (docs/reliability.md)."""
+    The gateway keeps a session at the broker while it restarts (what comes for it meanwhile
+    waits there); the others start clean unless configured. A cloud worker acknowledges a
+    forward only once it has answered it: with a persistent session (``session_expiry_s``) the
+    broker delivers an unanswered one again after a restart (docs/reliability.md)."""
     expiry = broker.session_expiry_s if broker.session_expiry_s is not None else SESSION_EXPIRY_S.get(role, 0)
     return MqttTransport(broker.url, client_id, username=broker.username, password=broker.secret,
                          keepalive=broker.keepalive, ca_file=broker.ca_file, protocol=broker.protocol,

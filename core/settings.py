@@ -211,7 +211,7 @@ class BrokerSettings(Settings, frozen=True):
     protocol: _field(Literal["auto", "5", "3.1.1"], "MQTT version; auto: 5, else 3.1.1") = "auto"
     session_expiry_s: _field(int, "seconds the broker keeps this client's session (subscriptions and QoS 1 "
                                   "messages) while it is away; 0: a clean session (default: 300 for the "
-                                  "gateway and cloud workers, 0 for devices)", ge=0, le=2**32 - 1) | None = None
+                                  "gateway, 0 for the others)", ge=0, le=2**32 - 1) | None = None
 
     def check(self) -> None:
         parts = urlsplit(self.url)
