@@ -20,7 +20,7 @@ from fogsplit.core.topics import Topics
 from fogsplit.device.agent import DeviceAgent
 from fogsplit.device.sources import ReplaySource
 from fogsplit.gateway.gateway import Gateway
-from tcp_proxy import TcpProxy
+from fogsplit.bench.proxy import TcpProxy
 
 pytestmark = pytest.mark.slow
 

@@ -11,12 +11,12 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
-from tcp_proxy import TcpProxy
+from fogsplit.bench.proxy import TcpProxy
 
 from fogsplit.bench.embedded import free_port, mosquitto_binary, wait_for_port
 from fogsplit.core.mqtt import Backoff, MqttTransport, wait_until
 from fogsplit.core.transport import SubscribeError
-from fogsplit.core.wire import publish_packet_size
+from fogsplit.core.wire import WireMeter, publish_packet_size
 
 
 def unique(name: str) -> str:
@@ -105,7 +105,7 @@ def test_offline_qos0_is_dropped_uncharged_and_qos1_queued_then_charged(broker, 
     watcher = transports(broker, "watch")
     watcher.subscribe(f"{root}/#", got.append)
     watcher.connect()
-    device = transports(proxy.url, "cam0").connect()
+    device = transports(proxy.url, "cam0", meter=WireMeter(max_events=100)).connect()
     proxy.refuse(30)
     proxy.cut()
     assert wait_until(lambda: not device.connected, timeout=5)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from tcp_proxy import TcpProxy
+from fogsplit.bench.proxy import TcpProxy
 
 from fogsplit.core.mqtt import MqttTransport, wait_until
 
