@@ -1,13 +1,18 @@
 """The gateway service: subscribes the cell's topics, feeds the logic, publishes its actions.
 
 Around the logic it owns the journal (gateway/journal.py): a result is marked sent when the
-broker acknowledges it, and at start what was journaled but never acknowledged is published
-again. It flushes the logic's acks every ``ack_period_ms``, answers applications' replay
-requests from the journal, and tells the logic to shed (answer at the local exit) while the
-frame in hand waited in the inbox longer than ``shed_after_ms``."""
+broker acknowledges it, published again if the client refused it (its queue full), and at
+start what was journaled but never acknowledged is published again. It flushes the logic's
+acks every ``ack_period_ms`` and answers applications' replay requests from the journal.
+
+Overload: a scores or late frame that waited in the inbox longer than ``shed_after_ms`` is
+dropped unread (counted as ``shed``, logged as a count every ``LOG_EVERY_S``): what the
+gateway does serve stays within that bound of its capture, and the devices replay the shed
+events from their spools, answered late once the gateway catches up (docs/reliability.md)."""
 from __future__ import annotations
 
 import json
+from collections import deque
 from dataclasses import asdict
 
 from fogsplit.core.actions import Answer, Refuse
@@ -23,7 +28,7 @@ from fogsplit.core.rollout import Trust
 from fogsplit.core.rollout_link import RolloutLink
 from fogsplit.core.roster import DeviceStatus
 from fogsplit.core.runner import ShardRunner
-from fogsplit.core.service import Service, status_payload
+from fogsplit.core.service import LOG_EVERY_S, Service, status_payload
 from fogsplit.core.settings import GatewaySettings, RolloutSettings
 from fogsplit.core.topics import Topics, check_name
 from fogsplit.core.transport import Transport
@@ -33,6 +38,8 @@ from fogsplit.gateway.journal import Journal
 from fogsplit.gateway.logic import MEMORY_JOURNAL_ROWS, GatewayLogic, GatewayStats
 
 PRUNE_EVERY_S = 10.0
+SETTLE_EVERY_S = 0.5
+SHEDDABLE = ("on_scores", "on_late")     # new work; the answers to work under way are always read
 REPLAY_MAX = 10_000     # results replayed per REPLAY_PERIOD_S, to every application together
 REPLAY_PERIOD_S = 10.0
 
@@ -48,6 +55,9 @@ class Gateway(Service):
         m = bundle.manifest
         self.cell, self.gateway = cell, gateway
         self._replay_window = [clock.monotonic(), 0]     # [start, results replayed in it]
+        self._unpublished: list[tuple[int, bytes]] = []   # journaled results the client refused
+        self._acknowledged: deque[int] = deque()           # results the broker acknowledged, to mark
+        self._shed_logged_at, self._shed_since_log = -LOG_EVERY_S, 0
         self.journal = Journal(settings.journal, window_s=settings.replay_window_s,
                                max_rows=settings.journal_max if settings.journal else
                                min(settings.journal_max, MEMORY_JOURNAL_ROWS))
@@ -71,6 +81,7 @@ class Gateway(Service):
         self.every(settings.stats_period_s, self.publish_stats)
         self.every(settings.ack_period_ms / 1000.0, self._flush_acks)
         self.every(PRUNE_EVERY_S, lambda: self.journal.prune(self.clock.time()))
+        self.every(SETTLE_EVERY_S, self._settle_results)
         if settings.discovery:
             transport.add_connect_listener(lambda: self.submit(self.publish_discovery))
 
@@ -100,8 +111,19 @@ class Gateway(Service):
         super().apply(rest)
 
     def _publish_result(self, event: int, payload: bytes) -> None:
-        self.transport.publish(self.topics.result(self.cell), payload, qos=1,
-                               on_sent=lambda: self.submit(self.journal.mark_sent, event))
+        size = self.transport.publish(self.topics.result(self.cell), payload, qos=1,
+                                      on_sent=lambda: self._acknowledged.append(event))
+        if not size:
+            self._unpublished.append((event, payload))     # the client refused it (queue full): again soon
+
+    def _settle_results(self) -> None:
+        """Mark in the journal the results the broker acknowledged (gathered on the network
+        thread, whatever the inbox holds), and publish again those the client refused."""
+        sent = [self._acknowledged.popleft() for _ in range(len(self._acknowledged))]
+        self.journal.mark_sent(sent)
+        retry, self._unpublished = self._unpublished, []
+        for event, payload in retry:
+            self._publish_result(event, payload)
 
     def start(self) -> "Gateway":
         self.log.info("%s: serving model %s, sensors %s, thresholds %s, delivery %s", self.name,
@@ -211,12 +233,26 @@ class Gateway(Service):
         return actions
 
     def _on_frame(self, method: str):
+        sheddable = method in SHEDDABLE
+
         def handle(msg):
             self._follow_schedule()
             logic = self.models.by_tag(msg.payload) or self.logic
-            logic.shedding = self.waited_s * 1000.0 > self.settings.shed_after_ms
+            if sheddable and self.waited_s * 1000.0 > self.settings.shed_after_ms:
+                self._shed(logic)
+                return []
             return self._observe(logic, getattr(logic, method)(msg))
         return handle
+
+    def _shed(self, logic: GatewayLogic) -> None:
+        logic.stats.shed += 1
+        self._shed_since_log += 1
+        now = self.clock.monotonic()
+        if now - self._shed_logged_at >= LOG_EVERY_S:
+            self.log.warning("%s: behind by %.1fs: %d frames shed unread since the last report (%d in all); the "
+                             "devices replay their events", self.name, self.waited_s, self._shed_since_log,
+                             logic.stats.shed)
+            self._shed_logged_at, self._shed_since_log = now, 0
 
     def _to_all(self, method: str):
         """A command or a result concerns every model held; the current one's refusal is reported."""
@@ -266,4 +302,5 @@ class Gateway(Service):
 
     def on_stop(self) -> None:
         self._flush_acks()
+        self._settle_results()
         self.log.info("%s: stopping; %s", self.name, json.dumps(asdict(self.snapshot())))

@@ -58,8 +58,12 @@ class Journal:
         self.rows += cur.rowcount
         return bool(cur.rowcount)
 
-    def mark_sent(self, event: int) -> None:
-        self._db.execute("UPDATE answered SET sent = 1 WHERE event = ?", (event,))
+    def mark_sent(self, events: list[int]) -> None:
+        """The broker acknowledged the results of ``events``."""
+        if events:
+            self._db.execute("BEGIN")
+            self._db.executemany("UPDATE answered SET sent = 1 WHERE event = ?", [(e,) for e in events])
+            self._db.execute("COMMIT")
 
     def unsent(self) -> list[bytes]:
         """Results journaled whose publication the broker never acknowledged, oldest first."""

@@ -80,7 +80,7 @@ class GatewayStats:
     reacked: int = 0                          # frames of events already answered: acked again, not answered
     duplicate_answers: int = 0                # cloud answers to events already answered (a re-forward's)
     acks_sent: int = 0
-    shed: int = 0                             # events answered at the local exit because the gateway was behind
+    shed: int = 0                             # frames dropped unread: they waited past shed_after_ms (overload)
     lost_notices: int = 0                     # events a device's spool dropped, answered as "lost"
     journal: dict = field(default_factory=dict)
     refused: int = 0
@@ -129,7 +129,6 @@ class GatewayLogic:
         self.journal = journal if journal is not None else Journal(
             None, window_s=settings.replay_window_s, max_rows=min(settings.journal_max, MEMORY_JOURNAL_ROWS))
         self.reliable = settings.delivery == "reliable"
-        self.shedding = False      # set by the service while the frame in hand waited past shed_after_ms
         self._acks: list[int] = []
 
     # -- inputs ---------------------------------------------------------------------------
@@ -365,10 +364,6 @@ class GatewayLogic:
         ev.local_logits = decision.logits
         if decision.exits:
             return self._answer(ev, decision.logits, "local")
-        if self.shedding:
-            self.stats.shed += 1
-            self.stats.degraded += 1
-            return self._answer(ev, decision.logits, "local", degraded=True, reason="shed: the gateway was behind")
         if self.cache is not None:
             label = self.cache.devices_agree(ev.votes, len(ev.parts))
             if label is not None:

@@ -268,18 +268,6 @@ def test_a_live_frame_for_a_future_slot_is_refused():
     assert only(logic.on_scores(scores("cam0", event, confident(0))), Refuse).error.rule == "time"
 
 
-def test_a_gateway_behind_its_inbox_sheds_to_the_local_exit():
-    logic, clock = gateway()
-    logic.shedding = True
-    event = round(clock.time() * RATE)
-    for d in SENSORS:
-        actions = logic.on_scores(scores(d, event, UNSURE))
-    answer = only(actions, Answer)
-    assert (answer.result.exit, answer.result.degraded, answer.result.reason.startswith("shed")) == \
-           ("local", True, True)
-    assert logic.snapshot().shed == 1
-
-
 def test_a_lean_gateway_sends_no_acks():
     logic, clock = gateway(delivery="lean")
     event = round(clock.time() * RATE)

@@ -67,3 +67,37 @@ def test_every_event_is_answered_once_through_the_in_memory_broker(bundle_dir, t
         for service in reversed(services):
             service.stop()
     assert set(statuses.values()) == {"offline"}     # a clean stop says so
+
+
+def test_an_overloaded_gateway_sheds_stale_frames_unread_and_the_spools_replay_their_events(
+        bundle_dir, trusted_keys, small_data):
+    """Every frame waits "too long" (shed_after_ms of a microsecond): each is dropped unread and
+    counted; with the bound lifted the devices' replays are answered, late, once."""
+    bundle = load_bundle(bundle_dir, trusted_keys=trusted_keys)
+    broker, topics, cell = LoopbackBroker(), Topics("shed"), "c0"
+    results: list[Result] = []
+    app = LoopbackTransport(broker, "app")
+    app.subscribe(topics.result(cell), lambda m: results.append(Result.from_json(m.payload)))
+    app.connect()
+    n, start = 5, math.ceil((time.time() + 0.5) * RATE)
+    gateway = Gateway(LoopbackTransport(broker, "gw"), topics, bundle, cell=cell,
+                      settings=GatewaySettings(shed_after_ms=0.001, deadline_ms=100))
+    devices = [DeviceAgent(LoopbackTransport(broker, s), topics, bundle, cell=cell, device=s,
+                           source=ReplaySource(small_data.test().sensors[s], rate=RATE, start_slot=start, count=n),
+                           settings=DeviceSettings(rate=RATE, reoffer_s=0.5))
+               for s in bundle.manifest.sensor_names]
+    services = [CloudWorker(LoopbackTransport(broker, "cloud"), topics, bundle), gateway, *devices]
+    try:
+        for service in services:
+            service.transport.connect()
+            service.start()
+        assert wait_until(lambda: gateway.snapshot().shed >= n * len(devices), timeout=10)
+        assert results == [] and gateway.snapshot().events == 0
+        gateway.settings = GatewaySettings(deadline_ms=100)    # the overload is over
+        assert wait_until(lambda: len({r.event for r in results}) >= n, timeout=20)
+        time.sleep(0.5)
+        assert sorted(r.event for r in results) == list(range(start, start + n))
+        assert all(r.late for r in results)
+    finally:
+        for service in reversed(services):
+            service.stop()
