@@ -244,6 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     p, bind = _role(sub, "broker", "run the embedded MQTT broker")
     bind("port", "--port", int)
     bind("host", "--host")
+    bind("kind", "--kind")
+    bind("data_dir", "--data-dir")
 
     p, bind = _role(sub, "rollout", "ship a bundle to a cell's tiers over MQTT: staged, switched at an event "
                     "boundary, health-checked, rolled back by itself (docs/rollout.md)")
@@ -539,8 +541,9 @@ def cmd_rollout(args) -> int:
 
 def cmd_broker(args) -> int:
     config = load(args).config
-    with EmbeddedBroker(port=config.port, host=config.host) as url:
-        print(f"embedded broker on {url} (Ctrl+C to stop)", flush=True)
+    broker = EmbeddedBroker(port=config.port, host=config.host, kind=config.kind, data_dir=config.data_dir)
+    with broker as url:
+        print(f"embedded broker ({broker.kind}, pid {broker.pid}) on {url} (Ctrl+C to stop)", flush=True)
         _wait_for_signal()
     return 0
 

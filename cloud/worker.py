@@ -33,7 +33,9 @@ class CloudWorker(Service):
         self.models = ModelSet(m.model_id, self.logic)
         self.presence("cloud_status", topics.cloud_status(worker), lambda: status_payload("online", model=m.model_id),
                       status_payload("offline", model=m.model_id))
-        self.route(topics.shared("cloud", topics.forward("+")), self._on_forward)
+        # One share group per fleet: rumqttd keys a group by its name alone, so fleets sharing
+        # a broker would split each other's forwards (docs/broker.md).
+        self.route(topics.shared(f"cloud-{topics.fleet}", topics.forward("+")), self._on_forward)
         # One cloud serves every cell: its rollout agents are per cell, and it keeps the model it
         # started with for the cells that never took a rollout (docs/rollout.md).
         self.rollout = None if rollout is None or rollout.store is None else RolloutLink(

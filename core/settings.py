@@ -392,6 +392,10 @@ class EmbeddedBrokerConfig(RoleConfig, frozen=True):
 
     host: _field(str, "address to listen on", min_length=1) = "127.0.0.1"
     port: _field(int, "port to listen on", ge=1, le=65535) = 1883
+    kind: _field(Literal["auto", "mosquitto", "rumqttd"], "auto: Mosquitto if installed, else rumqttd "
+                                                          "(docs/broker.md)") = "auto"
+    data_dir: _field(str, "Mosquitto only: keep retained messages and sessions here (autosave every 300 s, "
+                          "as compose ships it); unset: nothing on disk", min_length=1) | None = None
 
 
 class WatchConfig(RoleConfig, frozen=True):

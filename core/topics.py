@@ -40,7 +40,7 @@ TOPICS: dict[str, TopicKind] = {t.kind: t for t in (
     TopicKind("late", "cell/{cell}/device/{device}/late", 1, False, "msgpack frame", "device", "gateway"),
     # Hand-overs and answers: QoS 1, full topics (an alias could outlive its connection).
     TopicKind("forward", "cell/{cell}/forward", 1, False, "msgpack frame", "gateway",
-              "cloud workers ($share/cloud/...)"),
+              "cloud workers ($share/cloud-{fleet}/...)"),
     TopicKind("result", "cell/{cell}/result", 1, False, "JSON", "gateway",
               "applications, the cell's caches"),
     # The cloud answers the gateway, which publishes the one result of the event: re-forwards

@@ -32,7 +32,8 @@ def mosquitto() -> str:
 
 @pytest.fixture(scope="session")
 def embedded() -> str:
-    """rumqttd from the iotcore wheel: the broker a Pi without Mosquitto gets (MQTT 3.1.1 only)."""
+    """rumqttd from the iotcore wheel, with an MQTT 5 listener: the broker a Pi without
+    Mosquitto gets (docs/broker.md)."""
     with EmbeddedBroker(kind="rumqttd") as url:
         yield url
 

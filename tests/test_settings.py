@@ -74,7 +74,7 @@ EXAMPLES = {"bundle": "/srv/bundle", "name": "cam1", "out": "/srv/out", "count":
             "health.file": "/tmp/fogsplit.health", "rollout.store": "/var/lib/fogsplit/bundles",
             "canary_cell": "c9", "cell": "c1", "seconds": 2.5, "data": "/srv/cam1.npz",
             "broker.session_expiry_s": 600, "device.spool": "/var/lib/fogsplit/spool.sqlite",
-            "gateway.journal": "/var/lib/fogsplit/journal.sqlite"}
+            "gateway.journal": "/var/lib/fogsplit/journal.sqlite", "data_dir": "/var/lib/mosquitto"}
 
 
 def example(key: str, default):

@@ -46,14 +46,6 @@ def test_mosquitto_gets_mqtt5_topic_aliases(mosquitto):
     pub.close()
 
 
-def test_a_311_broker_is_spoken_to_in_311(embedded):
-    pub = MqttTransport(embedded, "v311-pub").connect()
-    assert not pub.mqtt5
-    topic = "a/b"
-    assert pub.publish(topic, b"x" * 12, qos=0) == 2 + 2 + len(topic) + 12
-    pub.close()
-
-
 def test_protocol_choice_is_validated():
     with pytest.raises(ValueError, match="protocol"):
         MqttTransport("mqtt://127.0.0.1:1", "x", protocol="4")
