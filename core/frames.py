@@ -22,7 +22,8 @@ late        ``device/{d}/late``        ``[tag, event, captured, scores, feature]
 lost        ``device/{d}/late``        ``[tag, event, captured, reason]``: the spool
                                        dropped the event's frames
 ack         ``ack``                    ``[tag, first_event, [offset, ...]]``: events the
-                                       cell has answered for good
+                                       cell has answered for good; ends with ``1``
+                                       while the gateway is behind (hold replays)
 ==========  =========================  ==============================================
 
 - The sender is the device in the topic, the kind is the topic's leaf.
@@ -43,6 +44,7 @@ Decoding checks everything a hostile or broken sender could get wrong and raises
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from dataclasses import dataclass, field
@@ -75,6 +77,7 @@ LEAF_KINDS = {"scores": (SCORES,), "feature": (FEATURE, GONE), "raw": (RAW,), "r
               "ack": (ACK,)}
 
 
+@functools.lru_cache(maxsize=64)
 def frame_tag(model_id: str) -> int:
     """One byte (a msgpack positive fixint) naming the model and protocol a frame is for."""
     return hashlib.sha256(f"fogsplit/{PROTOCOL_VERSION}/{model_id}".encode()).digest()[0] & 0x7F
@@ -106,7 +109,7 @@ class Frame:
     unwraps it), ``event`` and ``captured`` for forwards; ``tensor`` for tensor frames
     (``feature`` too for one-phase scores); ``vote`` for scores whose device's cache hit;
     ``events`` (slots) for requests and gone notices; ``devices`` for requests and forwards;
-    ``reason`` for lost notices."""
+    ``reason`` for lost notices; ``busy`` for acks of a gateway that is shedding load."""
 
     kind: str
     slot: int = 0
@@ -118,6 +121,7 @@ class Frame:
     events: tuple[int, ...] = ()
     devices: tuple[str, ...] = ()
     reason: str | None = None
+    busy: bool = False
 
 
 @dataclass(frozen=True)
@@ -181,11 +185,12 @@ def encode_lost_frame(*, model: str, event: int, captured: float, reason: str) -
     return _pack([frame_tag(model), int(event), float(captured), reason[:MAX_REASON]])
 
 
-def encode_ack_frame(*, model: str, events: list[int]) -> bytes:
+def encode_ack_frame(*, model: str, events: list[int], busy: bool = False) -> bytes:
     """The gateway's word that ``events`` are answered for good: the devices drop them from their
-    spools. Ids as offsets from the first, so an ack of a run of events costs about a byte each."""
+    spools. Ids as offsets from the first, so an ack of a run of events costs about a byte each.
+    ``busy``: the gateway is shedding load, the devices hold their replays."""
     ordered = sorted(set(int(e) for e in events))
-    return _pack([frame_tag(model), ordered[0], [e - ordered[0] for e in ordered[1:]]])
+    return _pack([frame_tag(model), ordered[0], [e - ordered[0] for e in ordered[1:]], *([1] if busy else [])])
 
 
 def encode_forward_frame(*, model: str, event: int, captured: float, devices: tuple[str, ...],
@@ -253,12 +258,14 @@ def _check(body: object, leaf: str, expect: Expect, device: str | None = None) -
     if kind == LATE:
         return _check_late(body, expect)
     if kind == ACK:
-        _need_len(body, (3,), kind)
+        _need_len(body, (3, 4), kind)
         first, offsets = body[1], body[2]
+        if len(body) == 4 and body[3] != 1:
+            raise FrameError("layout", "an ack ends with its offsets, or with 1 while the gateway is behind")
         if not _is_event_id(first) or not isinstance(offsets, list) or len(offsets) > MAX_ACKS or not all(
                 isinstance(o, int) and not isinstance(o, bool) and 0 < o <= MAX_EVENT_ID - first for o in offsets):
             raise FrameError("event", "an ack lists a first event id and positive offsets from it")
-        return Frame(kind=ACK, event=first, events=(first, *(first + o for o in offsets)))
+        return Frame(kind=ACK, event=first, events=(first, *(first + o for o in offsets)), busy=len(body) == 4)
     if kind == REQUEST:
         _need_len(body, (3,), kind)
         return Frame(kind=REQUEST, events=_check_slots(body[1], "request"),

@@ -6,12 +6,13 @@ cost a few microseconds (docs/monitoring.md), and falls back to :mod:`resource` 
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Callable, Iterable
 
 WINDOW = 1024
 """Samples a latency window keeps by default: the newest ones; older ones fall out."""
@@ -109,3 +110,23 @@ def ratio(part: float, whole: float) -> float | None:
 def ages(seen: dict[str, float], now: float, names: Iterable[str] = ()) -> dict[str, float | None]:
     """Seconds since each name was last seen (None: never), for ``names`` and every seen one."""
     return {n: (round(now - seen[n], 1) if n in seen else None) for n in sorted({*names, *seen})}
+
+
+class Throttled:
+    """A per-event log line at most once per ``period`` seconds for each ``key``: the others
+    are counted and the count is told with the next line. A flood of one kind of event (a
+    gateway far behind, a cloud gone) then costs a line per period, not one per event."""
+
+    def __init__(self, logger: logging.Logger, monotonic: Callable[[], float], period: float = 10.0) -> None:
+        self.logger, self.monotonic, self.period = logger, monotonic, period
+        self._at: dict[str, float] = {}
+        self._held: dict[str, int] = {}
+
+    def warning(self, key: str, msg: str, *args: object) -> None:
+        now = self.monotonic()
+        if now - self._at.get(key, -math.inf) < self.period:
+            self._held[key] = self._held.get(key, 0) + 1
+            return
+        self._at[key] = now
+        held = self._held.pop(key, 0)
+        self.logger.warning(msg + (f" ({held} more like it in the last {self.period:.0f}s)" if held else ""), *args)

@@ -157,7 +157,7 @@ class DeviceLogic:
         """The gateway answered these events for good: they leave the spool."""
         frame = decode_frame(msg.payload, "ack", self.expect, topic=msg.topic)
         if self.spool is not None:
-            self.spool.ack(frame.events, self.clock.time())
+            self.spool.ack(frame.events, self.clock.time(), busy=frame.busy)
         return []
 
     def replay(self) -> list[Action]:

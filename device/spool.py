@@ -6,7 +6,8 @@ for good, docs/reliability.md). What is not acked ``reoffer_s`` after capture is
 a ``late`` frame, then again after twice that, up to every ``MAX_REOFFER_S``; the order of
 replay is the order of capture. While no ack comes at all (the gateway or the link is down),
 only the oldest event is replayed, once per period, as a probe: a dead link is not fed a
-backlog it would only queue.
+backlog it would only queue. While the gateway's acks say it is busy (shedding load), nothing
+is replayed: a replay would be more load on a gateway that cannot serve what it has.
 
 It lives in SQLite (the standard library's; WAL, ``synchronous=NORMAL``): a killed agent
 loses nothing, a power cut at most the last commits, and the file stays consistent. Without
@@ -87,6 +88,7 @@ class Spool:
         held, size = self._db.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM spool").fetchone()
         self.stats = SpoolStats(held=held, bytes=size)
         self.last_ack: float | None = None      # epoch time of the last ack that removed an event
+        self.hold_until = 0.0                   # a busy gateway asked for no replays until then
         self.resumed = held                     # events found in the file at start
 
     def put(self, event: int, captured: float, model: str, scores: bytes, feature: bytes | None,
@@ -118,8 +120,11 @@ class Spool:
         self.stats.bytes += NOTICE_BYTES - size
         self.stats.notices += 1
 
-    def ack(self, events: tuple[int, ...] | list[int], now: float) -> int:
-        """The gateway answered ``events``: drop them. Returns how many were held."""
+    def ack(self, events: tuple[int, ...] | list[int], now: float, *, busy: bool = False) -> int:
+        """The gateway answered ``events``: drop them. Returns how many were held. ``busy``: the
+        gateway is shedding load; replays wait ``reoffer_s`` (each busy ack extends the wait)."""
+        if busy:
+            self.hold_until = now + self.reoffer_s
         removed = self._remove(events)
         if removed:
             self.stats.acked += removed
@@ -129,7 +134,7 @@ class Spool:
     def due(self, now: float, limit: int) -> list[Held]:
         """Events to replay now, oldest first, and schedule their next replay. With no ack for
         longer than ``reoffer_s`` while events were replayed, only the oldest (a probe)."""
-        if self.stats.held == 0:
+        if self.stats.held == 0 or now < self.hold_until:
             return []
         silent = self.stats.replayed > 0 and (self.last_ack is None or now - self.last_ack > self.reoffer_s)
         rows = self._db.execute(

@@ -6,9 +6,10 @@ start what was journaled but never acknowledged is published again. It flushes t
 acks every ``ack_period_ms`` and answers applications' replay requests from the journal.
 
 Overload: a scores or late frame that waited in the inbox longer than ``shed_after_ms`` is
-dropped unread (counted as ``shed``, logged as a count every ``LOG_EVERY_S``): what the
-gateway does serve stays within that bound of its capture, and the devices replay the shed
-events from their spools, answered late once the gateway catches up (docs/reliability.md)."""
+dropped unread (counted as ``shed``, logged as a count every ``LOG_EVERY_S``), and the next
+acks tell the devices the gateway is busy: they hold their replays, which would only be more
+load. The shed events stay in the spools and are replayed, answered late, once the gateway
+has caught up (docs/reliability.md)."""
 from __future__ import annotations
 
 import json
@@ -57,7 +58,7 @@ class Gateway(Service):
         self._replay_window = [clock.monotonic(), 0]     # [start, results replayed in it]
         self._unpublished: list[tuple[int, bytes]] = []   # journaled results the client refused
         self._acknowledged: deque[int] = deque()           # results the broker acknowledged, to mark
-        self._shed_logged_at, self._shed_since_log = -LOG_EVERY_S, 0
+        self._shed_logged_at, self._shed_since_log, self._shed_since_ack = -LOG_EVERY_S, 0, 0
         self.journal = Journal(settings.journal, window_s=settings.replay_window_s,
                                max_rows=settings.journal_max if settings.journal else
                                min(settings.journal_max, MEMORY_JOURNAL_ROWS))
@@ -137,8 +138,9 @@ class Gateway(Service):
         return super().start()
 
     def _flush_acks(self) -> None:
+        busy, self._shed_since_ack = self._shed_since_ack > 0, 0
         for logic in list(self.models.logics.values()):
-            self.apply(logic.take_acks())
+            self.apply(logic.take_acks(busy=busy))
 
     def _on_cloud_result(self, msg):
         """A cloud answer goes to the logic of the model it names (the current one otherwise)."""
@@ -247,6 +249,7 @@ class Gateway(Service):
     def _shed(self, logic: GatewayLogic) -> None:
         logic.stats.shed += 1
         self._shed_since_log += 1
+        self._shed_since_ack += 1
         now = self.clock.monotonic()
         if now - self._shed_logged_at >= LOG_EVERY_S:
             self.log.warning("%s: behind by %.1fs: %d frames shed unread since the last report (%d in all); the "

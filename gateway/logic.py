@@ -42,7 +42,7 @@ from fogsplit.core.frames import GONE, LOST, MAX_ACKS, REQUEST, decode_frame, en
     encode_forward_frame, to_slot
 from fogsplit.core.fusion import fuse, with_local
 from fogsplit.core.manifest import Manifest, expect_frames
-from fogsplit.core.metrics import Rate, Window, ages, ratio
+from fogsplit.core.metrics import Rate, Throttled, Window, ages, ratio
 from fogsplit.core.results import EXIT_TIERS, Result, make_result, parse_result
 from fogsplit.core.roster import Roster, decode_device_frame, parse_status
 from fogsplit.core.runner import ShardRunner
@@ -130,6 +130,8 @@ class GatewayLogic:
             None, window_s=settings.replay_window_s, max_rows=min(settings.journal_max, MEMORY_JOURNAL_ROWS))
         self.reliable = settings.delivery == "reliable"
         self._acks: list[int] = []
+        self.journal_latest: int | None = None     # the last event answered (a busy ack names it)
+        self.throttled = Throttled(log, clock.monotonic)
 
     # -- inputs ---------------------------------------------------------------------------
     @refusing
@@ -163,7 +165,7 @@ class GatewayLogic:
             return []
         now = self.clock.time()
         self.stats.lost_notices += 1
-        log.warning("%s: event %d is lost: %s %s", self.name, event, device, reason)
+        self.throttled.warning("lost", "%s: event %d is lost: %s %s", self.name, event, device, reason)
         result = Result(event=event, label=-1, cls="", confidence=0.0, exit="lost", devices=[device],
                         captured=captured, latency_ms=round((now - captured) * 1000.0, 3), model=self.manifest.model_id,
                         degraded=True, late=True, late_s=round(max(0.0, now - captured), 3),
@@ -277,14 +279,17 @@ class GatewayLogic:
                 self._cloud_overdue(ev) if ev.stage == "cloud" else self._run_edge(ev)
         return actions
 
-    def take_acks(self) -> list[Action]:
-        """The acks gathered since the last call, as frames for the cell's ack topic."""
+    def take_acks(self, *, busy: bool = False) -> list[Action]:
+        """The acks gathered since the last call, as frames for the cell's ack topic; ``busy``
+        (the service shed frames since the last call) asks the devices to hold their replays."""
         acks, self._acks = self._acks, []
+        if busy and not acks and self.reliable:
+            acks = [self.journal_latest] if self.journal_latest is not None else []
         out: list[Action] = []
         for start in range(0, len(acks), MAX_ACKS):
             chunk = acks[start:start + MAX_ACKS]
-            out.append(Send(self.cell, "", "ack", encode_ack_frame(model=self.manifest.model_id, events=chunk),
-                            tuple(chunk)))
+            out.append(Send(self.cell, "", "ack", encode_ack_frame(model=self.manifest.model_id, events=chunk,
+                                                                   busy=busy), tuple(chunk)))
         self.stats.acks_sent += len(acks)
         return out
 
@@ -387,7 +392,8 @@ class GatewayLogic:
     def _run_edge(self, ev: Event) -> list[Action]:
         features = {d: f for d, f in ev.features.items() if d in ev.parts}
         if not features:
-            log.warning("%s: event %d got no features in time; answering from the local exit", self.name, ev.event)
+            self.throttled.warning("features", "%s: event %d got no features in time; answering from the local exit",
+                                   self.name, ev.event)
             self.stats.degraded += 1
             return self._answer(ev, ev.local_logits, "local", degraded=True, reason="no feature came in time")
         fused = fuse(features, self.sensors, self.manifest.edge_fusion)
@@ -434,8 +440,8 @@ class GatewayLogic:
             return [Forward(self.cell, ev.event, ev.forward)]
         self.stats.cloud_timeouts += 1
         self.stats.degraded += 1
-        log.warning("%s: event %d: no cloud answer after %d forwards; answering from the edge exit", self.name,
-                    ev.event, ev.tries)
+        self.throttled.warning("cloud", "%s: event %d: no cloud answer after %d forwards; answering from the edge "
+                               "exit", self.name, ev.event, ev.tries)
         return self._answer(ev, ev.edge_logits, "edge", devices=ev.answered_by, nodes=ev.nodes, degraded=True,
                             reason=f"the cloud did not answer {ev.tries} forwards")
 
@@ -470,8 +476,8 @@ class GatewayLogic:
         got = self.fog.finish(ev.event)
         if not got.complete:
             self.stats.degraded += 1
-            log.warning("%s: event %d: fog nodes %s answered, %s did not", self.name, ev.event, got.nodes,
-                        sorted(set(self.fog.nodes) - set(got.nodes)))
+            self.throttled.warning("fog", "%s: event %d: fog nodes %s answered, %s did not", self.name, ev.event,
+                                   got.nodes, sorted(set(self.fog.nodes) - set(got.nodes)))
         if got.logits is None:
             decision, edge_feature = edge_stage(self.runner, got.fused, self.thresholds["edge"])
             self.stats.shard_runs += 1
@@ -499,4 +505,5 @@ class GatewayLogic:
             self.latency[result.exit].add(result.latency_ms)
         self.assembler.finish(result.event)
         self._ack(result.event)
+        self.journal_latest = result.event
         return [Answer(self.cell, result)]

@@ -329,3 +329,20 @@ def test_a_lost_notice_for_an_answered_event_changes_nothing():
     assert logic.on_late(Message(TOPICS.late(CELL, "cam1"), encode_lost_frame(
         model="m1", event=event, captured=event / RATE, reason="x"))) == []
     assert acked(logic) == [event] and logic.snapshot().lost_notices == 0
+
+
+def test_a_busy_gateway_holds_the_devices_replays():
+    logic, clock = gateway()
+    event = round(clock.time() * RATE)
+    for d in SENSORS:
+        logic.on_scores(scores(d, event, confident(0)))
+    (send,) = logic.take_acks(busy=True)
+    frame = decode_frame(send.payload, "ack", logic.expect)
+    assert frame.busy and frame.events == (event,)
+    (again,) = logic.take_acks(busy=True)               # nothing new answered: busy still said
+    assert decode_frame(again.payload, "ack", logic.expect).busy
+    s = spool(reoffer_s=2.0)
+    s.put(1, 0.0, "m1", b"s", None, None, now=0.0)
+    s.ack([99], now=5.0, busy=True)
+    assert s.due(now=6.0, limit=10) == []                  # held while the gateway is busy
+    assert [h.event for h in s.due(now=7.1, limit=10)] == [1]
