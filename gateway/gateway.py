@@ -13,7 +13,6 @@ has caught up (docs/reliability.md)."""
 from __future__ import annotations
 
 import json
-from collections import deque
 from dataclasses import asdict
 
 from fogsplit.core.actions import Answer, Refuse
@@ -39,7 +38,7 @@ from fogsplit.gateway.journal import Journal
 from fogsplit.gateway.logic import MEMORY_JOURNAL_ROWS, GatewayLogic, GatewayStats
 
 PRUNE_EVERY_S = 10.0
-SETTLE_EVERY_S = 0.5
+RETRY_EVERY_S = 0.5
 SHEDDABLE = ("on_scores", "on_late")     # new work; the answers to work under way are always read
 REPLAY_MAX = 10_000     # results replayed per REPLAY_PERIOD_S, to every application together
 REPLAY_PERIOD_S = 10.0
@@ -57,7 +56,6 @@ class Gateway(Service):
         self.cell, self.gateway = cell, gateway
         self._replay_window = [clock.monotonic(), 0]     # [start, results replayed in it]
         self._unpublished: list[tuple[int, bytes]] = []   # journaled results the client refused
-        self._acknowledged: deque[int] = deque()           # results the broker acknowledged, to mark
         self._shed_logged_at, self._shed_since_log, self._shed_since_ack = -LOG_EVERY_S, 0, 0
         self.journal = Journal(settings.journal, window_s=settings.replay_window_s,
                                max_rows=settings.journal_max if settings.journal else
@@ -82,7 +80,7 @@ class Gateway(Service):
         self.every(settings.stats_period_s, self.publish_stats)
         self.every(settings.ack_period_ms / 1000.0, self._flush_acks)
         self.every(PRUNE_EVERY_S, lambda: self.journal.prune(self.clock.time()))
-        self.every(SETTLE_EVERY_S, self._settle_results)
+        self.every(RETRY_EVERY_S, self._retry_results)
         if settings.discovery:
             transport.add_connect_listener(lambda: self.submit(self.publish_discovery))
 
@@ -113,15 +111,12 @@ class Gateway(Service):
 
     def _publish_result(self, event: int, payload: bytes) -> None:
         size = self.transport.publish(self.topics.result(self.cell), payload, qos=1,
-                                      on_sent=lambda: self._acknowledged.append(event))
+                                      on_sent=lambda: self.journal.mark_sent([event]))
         if not size:
             self._unpublished.append((event, payload))     # the client refused it (queue full): again soon
 
-    def _settle_results(self) -> None:
-        """Mark in the journal the results the broker acknowledged (gathered on the network
-        thread, whatever the inbox holds), and publish again those the client refused."""
-        sent = [self._acknowledged.popleft() for _ in range(len(self._acknowledged))]
-        self.journal.mark_sent(sent)
+    def _retry_results(self) -> None:
+        """Publish again the results the client refused (its queue full)."""
         retry, self._unpublished = self._unpublished, []
         for event, payload in retry:
             self._publish_result(event, payload)
@@ -305,5 +300,4 @@ class Gateway(Service):
 
     def on_stop(self) -> None:
         self._flush_acks()
-        self._settle_results()
         self.log.info("%s: stopping; %s", self.name, json.dumps(asdict(self.snapshot())))

@@ -9,7 +9,9 @@ acknowledged it. So a gateway killed at any moment and restarted:
   arrival, docs/reliability.md);
 - serves an application's replay request (the results since a capture time) from here.
 
-SQLite (WAL, ``synchronous=NORMAL``), or the same store in memory without a path. Bounds:
+SQLite (WAL, ``synchronous=NORMAL``), or the same store in memory without a path; one lock
+around it, since the broker's acknowledgement is marked from the network thread the moment it
+arrives (a later mark would widen the window for a repeat after a kill). Bounds:
 answers older than ``window_s`` (the devices' replay window) and beyond ``max_rows`` are
 pruned, oldest first, counted in ``pruned``: a replay of a pruned event would be answered
 again, which is why the window matches the devices' spool age.
@@ -17,6 +19,7 @@ again, which is why the window matches the devices' spool age.
 from __future__ import annotations
 
 import sqlite3
+import threading
 from pathlib import Path
 
 from fogsplit.core.results import Result
@@ -44,47 +47,51 @@ class Journal:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
+        self._lock = threading.Lock()
         self.rows = self._db.execute("SELECT COUNT(*) FROM answered").fetchone()[0]
         self.resumed = self.rows
         self.pruned = 0
 
     def has(self, event: int) -> bool:
-        return self._db.execute("SELECT 1 FROM answered WHERE event = ?", (event,)).fetchone() is not None
+        with self._lock:
+            return self._db.execute("SELECT 1 FROM answered WHERE event = ?", (event,)).fetchone() is not None
 
     def record(self, result: Result, payload: bytes) -> bool:
         """Journal ``result`` (its JSON ``payload``); False if the event was answered already."""
-        cur = self._db.execute("INSERT OR IGNORE INTO answered (event, captured, result) VALUES (?, ?, ?)",
-                               (result.event, result.captured, payload))
+        with self._lock:
+            cur = self._db.execute("INSERT OR IGNORE INTO answered (event, captured, result) VALUES (?, ?, ?)",
+                                   (result.event, result.captured, payload))
         self.rows += cur.rowcount
         return bool(cur.rowcount)
 
     def mark_sent(self, events: list[int]) -> None:
         """The broker acknowledged the results of ``events``."""
         if events:
-            self._db.execute("BEGIN")
-            self._db.executemany("UPDATE answered SET sent = 1 WHERE event = ?", [(e,) for e in events])
-            self._db.execute("COMMIT")
+            with self._lock:
+                self._db.executemany("UPDATE answered SET sent = 1 WHERE event = ?", [(e,) for e in events])
 
     def unsent(self) -> list[bytes]:
         """Results journaled whose publication the broker never acknowledged, oldest first."""
-        return [row[0] for row in self._db.execute("SELECT result FROM answered WHERE sent = 0 ORDER BY event")]
+        with self._lock:
+            return [row[0] for row in self._db.execute("SELECT result FROM answered WHERE sent = 0 ORDER BY event")]
 
     def since(self, captured: float, limit: int) -> list[bytes]:
         """Results of the events captured at or after ``captured``, oldest first."""
-        return [row[0] for row in self._db.execute(
-            "SELECT result FROM answered WHERE captured >= ? ORDER BY captured, event LIMIT ?", (captured, limit))]
+        with self._lock:
+            return [row[0] for row in self._db.execute(
+                "SELECT result FROM answered WHERE captured >= ? ORDER BY captured, event LIMIT ?", (captured, limit))]
 
     def prune(self, now: float) -> int:
-        cur = self._db.execute("DELETE FROM answered WHERE captured < ?", (now - self.window_s,))
-        removed = cur.rowcount
-        excess = self.rows - removed - self.max_rows
-        if excess > 0:
-            cur = self._db.execute("DELETE FROM answered WHERE event IN (SELECT event FROM answered ORDER BY "
-                                   "captured, event LIMIT ?)", (excess,))
-            removed += cur.rowcount
+        with self._lock:
+            removed = self._db.execute("DELETE FROM answered WHERE captured < ?", (now - self.window_s,)).rowcount
+            excess = self.rows - removed - self.max_rows
+            if excess > 0:
+                removed += self._db.execute("DELETE FROM answered WHERE event IN (SELECT event FROM answered "
+                                            "ORDER BY captured, event LIMIT ?)", (excess,)).rowcount
         self.rows -= removed
         self.pruned += removed
         return removed
 
     def close(self) -> None:
-        self._db.close()
+        with self._lock:
+            self._db.close()
