@@ -56,6 +56,7 @@ from fogsplit.gateway.journal import Journal
 from fogsplit.gateway.stages import Decision, edge_stage, local_stage
 
 MEMORY_JOURNAL_ROWS = 65_536   # a journal without a file keeps at most this many answers
+FINISHED_IN_MEMORY = 8192      # answered ids the assembler remembers (the journal has them all)
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +117,10 @@ class GatewayLogic:
         self.thresholds = {**m.thresholds, **{k: v for k, v in overrides.items() if v is not None}}
         self.expect = expect_frames(m)
         self.roster = Roster(m.model_id, default_rate=settings.capture_rate)
-        self.assembler = Assembler(self.sensors, settings.deadline_ms / 1000.0, max_open=settings.max_open)
+        # The journal knows every answered event; the assembler's memory of them is a fast path,
+        # kept small so that the gateway's memory is flat from its first minutes (bench soak).
+        self.assembler = Assembler(self.sensors, settings.deadline_ms / 1000.0, max_open=settings.max_open,
+                                   remember=FINISHED_IN_MEMORY)
         self.cache = GatewayCache(m, settings.cache, hold_s=settings.hold_s, max_held=settings.max_held) \
             if settings.cache is not None and settings.cache.enabled else None
         self.stats = GatewayStats(gateway=gateway, cell=cell, model=m.model_id)
