@@ -357,7 +357,7 @@ def test_the_compose_deployment_trusts_a_mounted_public_key():
         config = load_config(role, path=REPO / "compose" / "config" / f"{role}.toml", environ={},
                              read_secrets=False).config
         assert config.trusted_keys and not config.allow_unsigned, role
-        mounts = [v.rsplit(":", 2) for v in compose["services"][role]["volumes"]]
+        mounts = [(v.split(":") + ["rw"])[:3] for v in compose["services"][role]["volumes"]]
         for key in config.trusted_keys:
             host = [(src, dst) for src, dst, mode in mounts if mode == "ro" and key.startswith(dst + "/")]
             assert host, f"{role}: {key} is in no read-only mount"
