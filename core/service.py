@@ -12,10 +12,11 @@ others of that interval are only counted, and reported as one line and one messa
 with the count when the interval ends. A flood of bad frames on one topic costs one report per
 interval; one spread over many topics at most ``MAX_REPORT_KEYS`` reports, then one per rule.
 
-Bounds: the inbox holds at most ``inbox`` messages. When it is full a newly arrived message is
-dropped (drop-newest: the messages already queued are older and closer to their deadlines),
-counted in ``inbox_dropped`` (published in the component's stats) and logged at most once per
-``LOG_EVERY_S``.
+Bounds: the inbox holds at most ``inbox`` messages. When it is full the oldest message queued
+is dropped to make room for the new one (drop-oldest: under overload what is served is the
+freshest, and in the reliable mode the devices' spools replay what was dropped), counted in
+``inbox_dropped`` (published in the component's stats) and logged at most once per
+``LOG_EVERY_S``. A call submitted by the service itself is never dropped to make room.
 """
 from __future__ import annotations
 
@@ -70,8 +71,7 @@ class Service:
     def route(self, topic_filter: str, handler: Handler) -> None:
         """Subscribe; ``handler`` runs on the service thread and its actions are published."""
         def take(msg: Message) -> None:
-            if not self._enqueue((self._handle, (handler, msg))) and msg.ack is not None:
-                msg.ack()      # dropped by the inbox's policy: counted, not left in flight
+            self._enqueue((self._handle, (handler, msg)), message=True)
         self.transport.subscribe(topic_filter, take)
 
     def presence(self, kind: str, topic: str, online: Callable[[], bytes], offline: bytes) -> None:
@@ -206,18 +206,41 @@ class Service:
             time.sleep(0.01)
         done.wait(max(0.0, deadline - time.monotonic()))
 
-    def _enqueue(self, item: tuple) -> bool:
+    def _enqueue(self, item: tuple, *, message: bool = False) -> bool:
+        """Queue ``item``; a full inbox makes room for a new message by dropping the oldest
+        message queued (a submitted call is never dropped to make room)."""
+        item = (*item, time.monotonic())
         try:
-            self._inbox.put_nowait((*item, time.monotonic()))
+            self._inbox.put_nowait(item)
             return True
         except queue.Full:
-            self.inbox_dropped += 1
-            now = time.monotonic()
-            if now - self._last_drop_log >= LOG_EVERY_S:
-                self._last_drop_log = now
-                self.log.warning("%s: inbox full (%d messages): dropping new ones; %d dropped so far",
-                                 self.name, self._inbox.maxsize, self.inbox_dropped)
-            return False
+            pass
+        dropped = self._drop_oldest_message() if message else None
+        if dropped is not None:
+            try:
+                self._inbox.put_nowait(item)
+            except queue.Full:
+                dropped, item = item, None
+        else:
+            dropped, item = item, None
+        self.inbox_dropped += 1
+        handled = dropped[1][1] if dropped[0] == self._handle else None
+        if isinstance(handled, Message) and handled.ack is not None:
+            handled.ack()          # dropped by the inbox's policy: counted, not left in flight
+        now = time.monotonic()
+        if now - self._last_drop_log >= LOG_EVERY_S:
+            self._last_drop_log = now
+            self.log.warning("%s: inbox full (%d messages): dropping the oldest; %d dropped so far", self.name,
+                             self._inbox.maxsize, self.inbox_dropped)
+        return item is not None
+
+    def _drop_oldest_message(self) -> tuple | None:
+        with self._inbox.mutex:
+            for i, queued in enumerate(self._inbox.queue):
+                if queued[0] == self._handle:
+                    del self._inbox.queue[i]
+                    return queued
+        return None
 
     def _wake(self) -> None:
         try:

@@ -90,7 +90,7 @@ class GatewaySettings(Settings, frozen=True):
     hold_s: _field(float, "seconds a feature waits for the label that fills the cache", gt=0, le=3600) = 30.0
     max_held: _field(int, "features held waiting for their label", ge=1, le=1_000_000) = 256
     max_open: _field(int, "events assembled at once", ge=1, le=1_000_000) = 4096
-    inbox: _field(int, "messages queued for the service; when full a new one is dropped and counted", **_INBOX) = 10_000
+    inbox: _field(int, "messages queued for the service; when full the oldest message is dropped and counted", **_INBOX) = 10_000
     capture_rate: _field(float, "captures per second of a device whose status was not seen "
                                 "(default: none assumed)", gt=0, le=10_000) | None = None
     discovery: _field(bool, "publish Home Assistant MQTT discovery configs (retained) on every connect "
@@ -126,7 +126,7 @@ class FogSettings(Settings, frozen=True):
     """One fog node: a share of the edge part (docs/eddl.md)."""
 
     threads: _field(int, "onnxruntime threads of the node's shard", **_THREADS) = 1
-    inbox: _field(int, "messages queued for the node; when full a new one is dropped and counted", **_INBOX) = 1000
+    inbox: _field(int, "messages queued for the node; when full the oldest message is dropped and counted", **_INBOX) = 1000
 
 
 class DeviceSettings(Settings, frozen=True):
@@ -149,7 +149,7 @@ class DeviceSettings(Settings, frozen=True):
     keep_features: _field(int, "features kept for the gateway to request", ge=1, le=1_000_000) = 1024
     threads: _field(int, "onnxruntime threads of the device shard", **_THREADS) = 1
     cache: _field(DeviceCacheSettings, "the semantic cache; absent: none") | None = None
-    inbox: _field(int, "messages queued for the agent; when full a new one is dropped and counted",
+    inbox: _field(int, "messages queued for the agent; when full the oldest message is dropped and counted",
                   **_INBOX) = 1000
     stats_period_s: _field(float, "seconds between two stats snapshots", gt=0, le=86_400) = 10.0
     capture_backlog: _field(int, "captures that may wait for the shard; a new one then pushes out the "
@@ -165,7 +165,7 @@ class CloudSettings(Settings, frozen=True):
     """A cloud worker, or the cloud-only baseline (raw offload)."""
 
     threads: _field(int, "onnxruntime threads", **_THREADS) = 1
-    inbox: _field(int, "messages queued for the service; when full a new one is dropped and counted", **_INBOX) = 10_000
+    inbox: _field(int, "messages queued for the service; when full the oldest message is dropped and counted", **_INBOX) = 10_000
     deadline_ms: _field(float, "raw offload: milliseconds to wait for every device's sample",
                         **_DEADLINE) = 250.0
     stats_period_s: _field(float, "seconds between two stats snapshots", gt=0, le=86_400) = 10.0

@@ -148,3 +148,23 @@ def test_malformed_filters_are_refused(broker, bad):
 def test_publishing_to_a_wildcard_is_refused(broker):
     with pytest.raises(ValueError):
         client(broker, "pub").publish("a/+", b"")
+
+
+def test_a_full_inbox_drops_its_oldest_message_not_the_newest_nor_a_call(broker):
+    """Overload: what the service serves is the freshest; its own calls always run."""
+    from fogsplit.core.service import Service
+    from fogsplit.core.topics import Topics
+
+    service = Service(LoopbackTransport(broker, "svc"), Topics("inbox"), "svc", inbox=3)
+    handled: list[bytes] = []
+    service.route("in/#", lambda msg: handled.append(msg.payload))
+    service.transport.connect()
+    calls: list[str] = []
+    service.submit(calls.append, "first call")
+    pub = client(broker, "pub")
+    for i in range(5):                        # the service is not started: everything queues
+        pub.publish("in/x", str(i).encode())
+    service.start()
+    service.drain()
+    service.stop()
+    assert calls == ["first call"] and handled == [b"3", b"4"] and service.inbox_dropped == 3
