@@ -9,9 +9,8 @@ only the oldest event is replayed, once per period, as a probe: a dead link is n
 backlog it would only queue. While the gateway's acks say it is busy (shedding load), nothing
 is replayed: a replay would be more load on a gateway that cannot serve what it has.
 
-It lives in SQLite (the standard library's; WAL, ``synchronous=NORMAL``): a killed agent
-loses nothing, a power cut at most the last commits, and the file stays consistent. Without
-a path it is the same store in memory, for tests and throwaway agents.
+It lives in SQLite (core/statefile.py): a killed agent loses nothing, a power cut at most the
+last commits, and the file stays consistent. Without a path it is the same store in memory.
 
 Bounds, each counted in :class:`SpoolStats`: ``max_bytes`` of frames (when full, the oldest
 event is dropped: ``dropped_full``) and ``max_age_s`` (an event not acked by then is dropped:
@@ -23,9 +22,10 @@ instead of silence. Notices not acked within another ``max_age_s`` are deleted
 """
 from __future__ import annotations
 
-import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
+
+from fogsplit.core.statefile import open_state
 
 MAX_REOFFER_S = 30.0
 NOTICE_BYTES = 16
@@ -75,16 +75,9 @@ class SpoolStats:
 
 class Spool:
     def __init__(self, path: str | Path | None, *, max_bytes: int, max_age_s: float, reoffer_s: float) -> None:
-        if path is not None:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
         self.path = None if path is None else Path(path)
         self.max_bytes, self.max_age_s, self.reoffer_s = max_bytes, max_age_s, reoffer_s
-        self._db = sqlite3.connect(":memory:" if path is None else str(path), isolation_level=None,
-                                   check_same_thread=False)
-        if path is not None:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(_SCHEMA)
+        self._db = open_state(path, _SCHEMA)
         held, size = self._db.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM spool").fetchone()
         self.stats = SpoolStats(held=held, bytes=size)
         self.last_ack: float | None = None      # epoch time of the last ack that removed an event

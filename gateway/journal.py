@@ -9,7 +9,7 @@ acknowledged it. So a gateway killed at any moment and restarted:
   arrival, docs/reliability.md);
 - serves an application's replay request (the results since a capture time) from here.
 
-SQLite (WAL, ``synchronous=NORMAL``), or the same store in memory without a path; one lock
+SQLite (core/statefile.py), or the same store in memory without a path; one lock
 around it, since the broker's acknowledgement is marked from the network thread the moment it
 arrives (a later mark would widen the window for a repeat after a kill). Bounds:
 answers older than ``window_s`` (the devices' replay window) and beyond ``max_rows`` are
@@ -18,11 +18,11 @@ again, which is why the window matches the devices' spool age.
 """
 from __future__ import annotations
 
-import sqlite3
 import threading
 from pathlib import Path
 
 from fogsplit.core.results import Result
+from fogsplit.core.statefile import open_state
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS answered (
@@ -37,16 +37,9 @@ CREATE INDEX IF NOT EXISTS answered_captured ON answered (captured);
 
 class Journal:
     def __init__(self, path: str | Path | None, *, window_s: float, max_rows: int) -> None:
-        if path is not None:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
         self.path = None if path is None else Path(path)
         self.window_s, self.max_rows = window_s, max_rows
-        self._db = sqlite3.connect(":memory:" if path is None else str(path), isolation_level=None,
-                                   check_same_thread=False)
-        if path is not None:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(_SCHEMA)
+        self._db = open_state(path, _SCHEMA)
         self._lock = threading.Lock()
         self.rows = self._db.execute("SELECT COUNT(*) FROM answered").fetchone()[0]
         self.resumed = self.rows
