@@ -923,8 +923,18 @@ def search(ctx: Context, *, start: float, ceiling: float, tolerance: float, max_
             held(rate)
         good = [s["rate"] for s in steps if s["holds"]]
         return (max(good) if good else None), steps
+    good, _ = double_then_bisect(held, start=start, ceiling=ceiling, tolerance=tolerance,
+                                 tries=lambda: len(steps) < max_steps)
+    return (round(good, 1) if good is not None else None), steps
+
+
+def double_then_bisect(held: Callable[[float], bool], *, start: float, ceiling: float, tolerance: float,
+                       tries: Callable[[], bool]) -> tuple[float | None, float | None]:
+    """The highest rate ``held`` says is held: double from ``start`` (up to ``ceiling``) until
+    one is not, then bisect until the highest held and the lowest not held are within
+    ``tolerance`` of each other, while ``tries()`` allows. Returns (highest held, lowest not)."""
     good, bad, rate = None, None, start
-    while len(steps) < max_steps:
+    while tries():
         if held(rate):
             good = rate
             if rate >= ceiling:
@@ -933,18 +943,13 @@ def search(ctx: Context, *, start: float, ceiling: float, tolerance: float, max_
         else:
             bad = rate
             break
-    while bad is not None and len(steps) < max_steps:
-        low = good if good is not None else 0.0
-        if good is not None and bad / good <= 1 + tolerance:
-            break
-        if good is None and bad <= 1:
-            break
-        rate = (low + bad) / 2 if good is not None else bad / 2
+    while bad is not None and tries() and (good is None or bad / good > 1 + tolerance) and (good or bad > 1):
+        rate = (good + bad) / 2 if good is not None else bad / 2
         if held(rate):
             good = rate
         else:
             bad = rate
-    return (round(good, 1) if good is not None else None), steps
+    return good, bad
 
 
 # -- profile (py-spy) ------------------------------------------------------------------------------
@@ -1064,6 +1069,7 @@ def _paho(client_id: str, mqtt5: bool = True):
     client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=client_id,
                          protocol=paho.MQTTv5 if mqtt5 else paho.MQTTv311)
     client.max_queued_messages_set(10000)
+    client.max_inflight_messages_set(100)       # as fogsplit's transport (core/mqtt.py)
     return client
 
 
@@ -1250,27 +1256,13 @@ def bare_ceiling(url: str, *, devices: int, sizes: dict, seconds: float, start: 
                  f"{trials[-1]['lost_results']} results, publisher lag {trials[-1]['publisher_lag_max_s']}s")
         return trials[-1]["holds"]
 
-    good, bad, rate = None, None, start
-    while len(trials) < max_trials:
-        if held(rate):
-            good = rate
-            if rate >= ceiling:
-                break
-            rate = min(rate * 2, ceiling)
-        else:
-            bad = rate
-            break
-    while bad is not None and len(trials) < max_trials and (good is None or bad / good > 1 + tolerance):
-        rate = (good + bad) / 2 if good is not None else bad / 2
-        if held(rate):
-            good = rate
-        else:
-            bad = rate
+    good, bad = double_then_bisect(held, start=start, ceiling=ceiling, tolerance=tolerance,
+                                   tries=lambda: len(trials) < max_trials)
     first_bad = next((t for t in trials if not t["holds"] and t["rate"] == bad), None)
     limited_by = None
     if first_bad is not None:
         limited_by = (
-            "the publisher's QoS 1 queue: paho refused publishes (10000 queued behind 20 in flight, each "
+            "the publisher's QoS 1 queue: paho refused publishes (10000 queued behind 100 in flight, each "
             "waiting for its PUBACK)" if first_bad["publisher_failed"] else
             "the Python publishers (they fell behind their schedule)" if not first_bad["publisher_kept_up"] else
             "loss between the publishers and the subscriber (broker or subscriber)")
