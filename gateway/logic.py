@@ -81,7 +81,8 @@ class GatewayStats:
     reacked: int = 0                          # frames of events already answered: acked again, not answered
     duplicate_answers: int = 0                # cloud answers to events already answered (a re-forward's)
     acks_sent: int = 0
-    shed: int = 0                             # frames dropped unread: they waited past shed_after_ms (overload)
+    shed: int = 0                             # frames shed: they waited past shed_after_ms in the inbox, or came
+                                              # shed_after_ms + max_skew_s after their capture (overload)
     lost_notices: int = 0                     # events a device's spool dropped, answered as "lost"
     journal: dict = field(default_factory=dict)
     refused: int = 0
@@ -135,6 +136,10 @@ class GatewayLogic:
         self.reliable = settings.delivery == "reliable"
         self._acks: list[int] = []
         self.journal_latest: int | None = None     # the last event answered (a busy ack names it)
+        # A live frame of a new event this long after its capture means the gateway is behind the
+        # stream (clocks may differ by max_skew_s): it is shed, and the spools replay the event.
+        self.stale_s = settings.shed_after_ms / 1000.0 + settings.max_skew_s
+        self._shed_since_ack = 0
         self.throttled = Throttled(log, clock.monotonic)
 
     # -- inputs ---------------------------------------------------------------------------
@@ -182,6 +187,10 @@ class GatewayLogic:
         if opened is None and self._answered(event):
             self.stats.reacked += 1
             self._ack(event)
+            return []
+        if opened is None and not late and self.clock.time() - captured > self.stale_s:
+            self.stats.shed += 1          # behind the stream (the broker or the socket held it): the spool replays it
+            self._shed_since_ack += 1
             return []
         ev = self.assembler.add(event, device, scores, captured, self.clock.monotonic())
         opened = self.assembler.open.get(event)
@@ -287,6 +296,7 @@ class GatewayLogic:
         """The acks gathered since the last call, as frames for the cell's ack topic; ``busy``
         (the service shed frames since the last call) asks the devices to hold their replays."""
         acks, self._acks = self._acks, []
+        busy, self._shed_since_ack = busy or self._shed_since_ack > 0, 0
         if busy and not acks and self.reliable:
             acks = [self.journal_latest] if self.journal_latest is not None else []
         out: list[Action] = []

@@ -346,3 +346,17 @@ def test_a_busy_gateway_holds_the_devices_replays():
     s.ack([99], now=5.0, busy=True)
     assert s.due(now=6.0, limit=10) == []                  # held while the gateway is busy
     assert [h.event for h in s.due(now=7.1, limit=10)] == [1]
+
+
+def test_a_live_frame_far_behind_its_capture_is_shed_and_the_devices_told_to_hold():
+    logic, clock = gateway(shed_after_ms=1000, max_skew_s=2.0)
+    event = round(clock.time() * RATE) - 40                # 4 s ago: the gateway is behind the stream
+    assert logic.on_scores(scores("cam0", event, confident(0))) == []
+    assert logic.snapshot().shed == 1 and logic.assembler.open == {}
+    busy = []
+    for fresh in (round(clock.time() * RATE), round(clock.time() * RATE) + 1):
+        for d in SENSORS:
+            logic.on_scores(scores(d, fresh, confident(0)))
+        (send,) = logic.take_acks()
+        busy.append(decode_frame(send.payload, "ack", logic.expect).busy)
+    assert busy == [True, False]                            # told with the next ack, then not
