@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import subprocess
 import tempfile
 import time
 from collections import Counter, defaultdict
@@ -51,7 +50,7 @@ import numpy as np
 from fogsplit.bench.embedded import mosquitto_binary
 from fogsplit.bench.flags import positive
 from fogsplit.bench.report import timed_main
-from fogsplit.bench.stack import BROKER_KINDS, Arrival, Collector, Stack, StackOptions, fogsplit_command
+from fogsplit.bench.stack import BROKER_KINDS, Arrival, Collector, Stack, StackOptions, make_replays, small_bundle
 
 log = logging.getLogger(__name__)
 
@@ -242,30 +241,11 @@ def run_broker(kind: str, names: list[str], base: StackOptions, timing: Timing) 
 
 def prepare(args, workdir: Path) -> StackOptions:
     """The bundle (exported into ``workdir`` when none is given) and a replay file per device."""
-    bundle = args.bundle or export_bundle(workdir / "bundle", args.data)
+    bundle = args.bundle or small_bundle(workdir / "bundle", args.data)
     replays = make_replays(args.data, args.devices, workdir / "replays")
     return StackOptions(bundle=bundle, replays=replays, workdir=workdir, rate=args.rate, workers=args.workers,
                         trusted_keys=list(args.trusted_key), allow_unsigned=args.allow_unsigned or not args.trusted_key,
                         gateway=dict(FORWARD_ALL) if args.all_cloud else {}, collector=args.collector)
-
-
-def export_bundle(out: Path, data: str, steps: int = 200) -> Path:
-    """A small bundle, trained for ``steps`` steps (about a minute), unsigned."""
-    if not (out / "manifest.json").is_file():
-        log.info("exporting a bundle of %s into %s (%d steps)", data, out, steps)
-        subprocess.run([*fogsplit_command(), "export", "--data", data, "--out", str(out), "--steps", str(steps),
-                        "--no-progress"], check=True, stdout=subprocess.DEVNULL)
-    return out
-
-
-def make_replays(data: str, devices: int, out: Path) -> dict[str, Path]:
-    """The test samples of the first ``devices`` sensors of ``data``, one replay file each."""
-    from fogsplit.core.dataset import save_replay
-    from fogsplit.export.datasets import load_data      # generates the data set: the bench side only
-    dataset = load_data(data)
-    if devices > len(dataset.sensor_names):
-        raise ValueError(f"{data} has {len(dataset.sensor_names)} sensors; --devices {devices} is too many")
-    return {s: save_replay(dataset, s, out / f"{s}.npz") for s in dataset.sensor_names[:devices]}
 
 
 def run(args) -> dict:

@@ -40,8 +40,6 @@ import hashlib
 import json
 import os
 import re
-import subprocess
-import sys
 import tempfile
 import logging
 import queue
@@ -806,15 +804,6 @@ def run_stack(args, bundle, bundle_dir: Path, workdir: Path) -> dict:
 
 # -- the command ---------------------------------------------------------------------------------
 
-def export_bundle(out: Path) -> Path:
-    """A small bundle for the bench (200 training steps on the built-in images), unsigned."""
-    from fogsplit.bench.stack import fogsplit_command
-    print(f"exporting a small bundle to {out} (no --bundle given)", flush=True)
-    subprocess.run([*fogsplit_command(), "export", "--data", "images", "--out", str(out), "--steps", "200",
-                    "--no-progress"], check=True, stdout=subprocess.DEVNULL)
-    return out
-
-
 def format_table(report: dict) -> str:
     lines = []
     st = report.get("stack")
@@ -898,7 +887,8 @@ def main(argv: list[str] | None = None) -> int:
         workdir.mkdir(parents=True, exist_ok=True)
         bundle_dir = args.bundle
         if bundle_dir is None:
-            bundle_dir = export_bundle(workdir / "bundle")
+            from fogsplit.bench.stack import small_bundle
+            bundle_dir = small_bundle(workdir / "bundle")
             args.allow_unsigned = True
         bundle = load_bundle(bundle_dir, trusted_keys=[Path(k) for k in args.trusted_key],
                              allow_unsigned=args.allow_unsigned)

@@ -79,8 +79,8 @@ import numpy as np
 from fogsplit.bench.embedded import free_port, mosquitto_binary, wait_for_port
 from fogsplit.bench.flags import positive
 from fogsplit.bench.report import timed_main
-from fogsplit.bench.stack import BROKER_KINDS, Arrival, Stack, StackOptions, broker_process, fogsplit_command, \
-    rss_mib
+from fogsplit.bench.stack import BROKER_KINDS, Arrival, Proc, Stack, StackOptions, broker_process, make_replays, \
+    rss_mib, small_bundle
 from fogsplit.core.mqtt import MqttTransport, parse_broker_url, wait_until
 from fogsplit.core.topics import Topics
 
@@ -534,34 +534,27 @@ def publisher_main(argv: list[str] | None = None) -> int:
     return 0
 
 
-class Publisher:
-    """The bench's handle on a synthetic-devices process."""
+@dataclass
+class Publisher(Proc):
+    """The bench's handle on a synthetic-devices process: a :class:`Proc` that also reads the
+    figures the process writes to ``stats_path``."""
 
-    def __init__(self, url: str, *, bundle: Path, replays: Path, devices: list[str], fleet: str, rate: float,
-                 workdir: Path, trust: list[str], spool: bool = True, mqtt5: bool = True) -> None:
+    stats_path: Path | None = None
+
+    @classmethod
+    def make(cls, url: str, *, bundle: Path, replays: Path, devices: list[str], fleet: str, rate: float,
+             workdir: Path, trust: list[str], spool: bool = True, mqtt5: bool = True) -> "Publisher":
         workdir.mkdir(parents=True, exist_ok=True)
-        self.stats_path = workdir / "publisher.json"
-        self.log_path = workdir / "publisher.log"
-        self.argv = [sys.executable, "-c", PUBLISHER, "--url", url, "--bundle", str(bundle), "--replays",
-                     str(replays), "--devices", ",".join(devices), "--fleet", fleet, "--rate", str(rate),
-                     "--stats", str(self.stats_path), *trust, *([] if spool else ["--no-spool"]),
-                     *([] if mqtt5 else ["--mqtt311"])]
-        self.popen: subprocess.Popen | None = None
+        stats = workdir / "publisher.json"
+        argv = [sys.executable, "-c", PUBLISHER, "--url", url, "--bundle", str(bundle), "--replays", str(replays),
+                "--devices", ",".join(devices), "--fleet", fleet, "--rate", str(rate), "--stats", str(stats),
+                *trust, *([] if spool else ["--no-spool"]), *([] if mqtt5 else ["--mqtt311"])]
+        return cls("publisher", argv, workdir / "publisher.log", stats_path=stats)
 
     def start(self) -> "Publisher":
         self.stats_path.unlink(missing_ok=True)
-        with self.log_path.open("a") as out:
-            self.popen = subprocess.Popen(self.argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                          env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
+        super().start()
         return self
-
-    @property
-    def pid(self) -> int | None:
-        return self.popen.pid if self.popen is not None else None
-
-    @property
-    def alive(self) -> bool:
-        return self.popen is not None and self.popen.poll() is None
 
     def stats(self) -> dict:
         try:
@@ -570,20 +563,8 @@ class Publisher:
             return {}
 
     def stop(self) -> dict:
-        if self.alive:
-            self.popen.send_signal(signal.SIGTERM)
-            try:
-                self.popen.wait(15)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait(5)
+        self.terminate(15.0)
         return self.stats()
-
-    def log_tail(self, lines: int = 20) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
 
 
 # -- the cell under load -------------------------------------------------------------------------
@@ -743,9 +724,10 @@ class Cell:
             replay_dir = {p.parent for p in ctx.replays.values()}
             if len(replay_dir) != 1 or any(p.name != f"{d}.npz" for d, p in ctx.replays.items()):
                 raise ValueError("the synthetic devices read <dir>/<device>.npz: give the replays in one folder")
-            publisher = Publisher(stack.url, bundle=ctx.bundle, replays=replay_dir.pop(), devices=ctx.devices,
-                                  fleet=self.options.fleet, rate=self.rate, workdir=self.options.workdir / "publisher",
-                                  trust=ctx.trust_flags(), spool=ctx.spool).start()
+            publisher = Publisher.make(stack.url, bundle=ctx.bundle, replays=replay_dir.pop(), devices=ctx.devices,
+                                       fleet=self.options.fleet, rate=self.rate,
+                                       workdir=self.options.workdir / "publisher", trust=ctx.trust_flags(),
+                                       spool=ctx.spool).start()
         try:
             stack.start()
             monitor = StatsMonitor(stack.url, stack.topics, CELL).start()
@@ -1350,7 +1332,7 @@ def measure_bare(ctx: Context, sizes: dict, args) -> tuple[dict, dict]:
 # -- the whole run ---------------------------------------------------------------------------------
 
 def make_context(args, workdir: Path) -> Context:
-    bundle = args.bundle or export_bundle(workdir / "bundle", args.data)
+    bundle = args.bundle or small_bundle(workdir / "bundle", args.data)
     replays = replay_files(args.replays, args.data, args.devices, workdir / "replays")
     trusted = list(args.trusted_key)
     sensors = _bundle_sensors(bundle)
@@ -1379,15 +1361,6 @@ def _bundle_sensors(bundle: Path) -> list[str]:
         return []
 
 
-def export_bundle(out: Path, data: str, steps: int = 200) -> Path:
-    """A small bundle, trained for ``steps`` steps (about a minute), unsigned."""
-    if not (out / "manifest.json").is_file():
-        log.info("exporting a bundle of %s into %s (%d steps)", data, out, steps)
-        subprocess.run([*fogsplit_command(), "export", "--data", data, "--out", str(out), "--steps", str(steps),
-                        "--no-progress"], check=True, stdout=subprocess.DEVNULL)
-    return out
-
-
 def replay_files(folder: Path | None, data: str, devices: int, out: Path) -> dict[str, Path]:
     """``<folder>/<sensor>.npz`` of the first ``devices`` sensors, made from ``data`` when no
     folder is given (or it lacks them)."""
@@ -1396,12 +1369,7 @@ def replay_files(folder: Path | None, data: str, devices: int, out: Path) -> dic
         if len(found) < devices:
             raise ValueError(f"{folder} holds {len(found)} replay files; --devices {devices} needs that many")
         return {p.stem: p for p in found[:devices]}
-    from fogsplit.core.dataset import save_replay
-    from fogsplit.export.datasets import load_data      # generates the data set: the bench side only
-    dataset = load_data(data)
-    if devices > len(dataset.sensor_names):
-        raise ValueError(f"{data} has {len(dataset.sensor_names)} sensors; --devices {devices} is too many")
-    return {s: save_replay(dataset, s, out / f"{s}.npz") for s in dataset.sensor_names[:devices]}
+    return make_replays(data, devices, out)
 
 
 def trust_kwargs(ctx: Context) -> dict:

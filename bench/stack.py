@@ -44,24 +44,32 @@ import msgspec
 from fogsplit.bench.embedded import EmbeddedBroker, free_port, mosquitto_binary, wait_for_port
 from fogsplit.bench.proxy import TcpProxy
 from fogsplit.core.mqtt import MqttTransport, wait_until
-from fogsplit.core.settings import EmbeddedBrokerConfig, GatewaySettings, DeviceSettings
 from fogsplit.core.topics import Topics
 
 log = logging.getLogger(__name__)
 
 BROKER_KINDS = ("mosquitto", "embedded")
 CLI = "from fogsplit.cli import main; import sys; sys.exit(main())"
-# rumqttd in a process of its own, for an EmbeddedBroker that runs it inside its caller (older ones).
-RUMQTTD = """
-import signal, sys, threading
-from fogsplit.bench.embedded import EmbeddedBroker
-stop = threading.Event()
-for sig in (signal.SIGINT, signal.SIGTERM):
-    signal.signal(sig, lambda *_: stop.set())
-with EmbeddedBroker(port=int(sys.argv[1]), host="127.0.0.1", kind="rumqttd") as url:
-    print(f"rumqttd on {url}", flush=True)
-    stop.wait()
-"""
+
+
+def small_bundle(out: Path, data: str = "images", steps: int = 200) -> Path:
+    """A small bundle of ``data`` for the benchmarks, trained for ``steps`` steps (about a
+    minute), unsigned; one already in ``out`` is reused."""
+    if not (out / "manifest.json").is_file():
+        log.info("exporting a bundle of %s into %s (%d steps)", data, out, steps)
+        subprocess.run([*fogsplit_command(), "export", "--data", data, "--out", str(out), "--steps", str(steps),
+                        "--no-progress"], check=True, stdout=subprocess.DEVNULL)
+    return out
+
+
+def make_replays(data: str, devices: int, out: Path) -> dict[str, Path]:
+    """The test samples of the first ``devices`` sensors of ``data``, one replay file each."""
+    from fogsplit.core.dataset import save_replay
+    from fogsplit.export.datasets import load_data      # generates the data set: the bench side only
+    dataset = load_data(data)
+    if devices > len(dataset.sensor_names):
+        raise ValueError(f"{data} has {len(dataset.sensor_names)} sensors; --devices {devices} is too many")
+    return {s: save_replay(dataset, s, out / f"{s}.npz") for s in dataset.sensor_names[:devices]}
 
 
 def fogsplit_command() -> list[str]:
@@ -69,12 +77,6 @@ def fogsplit_command() -> list[str]:
     console script beside it, else the interpreter with the script's two lines."""
     script = Path(sys.executable).parent / "fogsplit"
     return [str(script)] if script.exists() else [sys.executable, "-c", CLI]
-
-
-def has_setting(model: type, name: str) -> bool:
-    """Whether a settings model knows the key ``name``: settings being added by others are
-    written only once they exist, so the stack runs before and after."""
-    return name in {f.name for f in msgspec.structs.fields(model)}
 
 
 def toml_text(body: dict[str, Any], table: str = "") -> str:
@@ -219,30 +221,13 @@ def broker_process(kind: str, port: int, root: Path) -> "Proc | EmbeddedBrokerPr
         conf = root / "mosquitto.conf"
         conf.write_text(mosquitto_bench_config(port, root / "data"))
         argv = [binary, "-c", str(conf)]
-    elif hasattr(EmbeddedBroker, "pid"):
-        return EmbeddedBrokerProc(port)
     else:
-        argv = _rumqttd_argv(port, root)
+        return EmbeddedBrokerProc(port)
 
     def ready(proc: Proc) -> None:
         wait_for_port("127.0.0.1", port, timeout=20, process=proc.popen, log_file=proc.log_path)
 
     return Proc("broker", argv, root / "broker.log", ready=ready)
-
-
-def _rumqttd_argv(port: int, root: Path) -> list[str]:
-    """For an EmbeddedBroker that runs rumqttd inside its caller: ``fogsplit broker --config F``
-    if its config can name rumqttd, else a small script; either way a process of its own."""
-    if has_setting(EmbeddedBrokerConfig, "kind"):
-        try:
-            msgspec.convert({"kind": "rumqttd"}, EmbeddedBrokerConfig)
-        except msgspec.ValidationError:
-            pass
-        else:
-            conf = root / "broker.toml"
-            conf.write_text(toml_text({"host": "127.0.0.1", "port": port, "kind": "rumqttd"}))
-            return [*fogsplit_command(), "broker", "--config", str(conf)]
-    return [sys.executable, "-c", RUMQTTD, str(port)]
 
 
 class EmbeddedBrokerProc:
@@ -655,13 +640,9 @@ class Stack:
         configs: dict[str, dict[str, Any]] = {}
         for worker in self.workers:
             configs[worker] = {**common, "name": worker}
-        gateway = dict(o.gateway)
-        if has_setting(GatewaySettings, "journal"):
-            gateway["journal"] = str(o.workdir / "gateway" / "journal.sqlite")
+        gateway = {**o.gateway, "journal": str(o.workdir / "gateway" / "journal.sqlite")}
         configs["gateway"] = {**common, "cell": o.cell, "name": "gw0", "gateway": gateway}
         for device, replay in o.replays.items():
-            settings: dict[str, Any] = {"rate": o.rate}
-            if has_setting(DeviceSettings, "spool"):
-                settings["spool"] = str(o.workdir / device / "spool.sqlite")
+            settings: dict[str, Any] = {"rate": o.rate, "spool": str(o.workdir / device / "spool.sqlite")}
             configs[device] = {**common, "cell": o.cell, "name": device, "data": str(replay), "device": settings}
         return configs
