@@ -207,40 +207,40 @@ class Service:
         done.wait(max(0.0, deadline - time.monotonic()))
 
     def _enqueue(self, item: tuple, *, message: bool = False) -> bool:
-        """Queue ``item``; a full inbox makes room for a new message by dropping the oldest
-        message queued (a submitted call is never dropped to make room)."""
+        """Queue ``item``; in a full inbox a new message takes the place of the oldest message
+        queued (a submitted call is never dropped to make room). False if ``item`` was dropped."""
         item = (*item, time.monotonic())
         try:
             self._inbox.put_nowait(item)
             return True
         except queue.Full:
             pass
-        dropped = self._drop_oldest_message() if message else None
-        if dropped is not None:
-            try:
-                self._inbox.put_nowait(item)
-            except queue.Full:
-                dropped, item = item, None
-        else:
-            dropped, item = item, None
+        oldest = self._replace_oldest_message(item) if message else None
+        self._count_dropped(oldest if oldest is not None else item)
+        return oldest is not None
+
+    def _replace_oldest_message(self, item: tuple) -> tuple | None:
+        """Put ``item`` in place of the oldest message queued, at once (under the queue's lock);
+        that message, or None if only calls are queued."""
+        with self._inbox.mutex:
+            for i, queued in enumerate(self._inbox.queue):
+                if queued[0] == self._handle:
+                    del self._inbox.queue[i]
+                    self._inbox.queue.append(item)
+                    self._inbox.not_empty.notify()
+                    return queued
+        return None
+
+    def _count_dropped(self, dropped: tuple) -> None:
         self.inbox_dropped += 1
-        handled = dropped[1][1] if dropped[0] == self._handle else None
-        if isinstance(handled, Message) and handled.ack is not None:
-            handled.ack()          # dropped by the inbox's policy: counted, not left in flight
+        msg = dropped[1][1] if dropped[0] == self._handle else None
+        if isinstance(msg, Message) and msg.ack is not None:
+            msg.ack()          # dropped by the inbox's policy: counted, not left in flight
         now = time.monotonic()
         if now - self._last_drop_log >= LOG_EVERY_S:
             self._last_drop_log = now
             self.log.warning("%s: inbox full (%d messages): dropping the oldest; %d dropped so far", self.name,
                              self._inbox.maxsize, self.inbox_dropped)
-        return item is not None
-
-    def _drop_oldest_message(self) -> tuple | None:
-        with self._inbox.mutex:
-            for i, queued in enumerate(self._inbox.queue):
-                if queued[0] == self._handle:
-                    del self._inbox.queue[i]
-                    return queued
-        return None
 
     def _wake(self) -> None:
         try:

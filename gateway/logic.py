@@ -126,6 +126,7 @@ class GatewayLogic:
             if settings.cache is not None and settings.cache.enabled else None
         self.stats = GatewayStats(gateway=gateway, cell=cell, model=m.model_id)
         self.started = clock.monotonic()
+        self.started_wall = clock.time()
         self.latency = {tier: Window() for tier in EXIT_TIERS}
         self.last_seen: dict[str, float] = {}
         self.rate = Rate(0, self.started)
@@ -184,7 +185,7 @@ class GatewayLogic:
     def _take_part(self, event: int, device: str, captured: float, scores: np.ndarray,
                    feature: np.ndarray | None, vote: int | None, *, late: bool) -> list[Action]:
         opened = self.assembler.open.get(event)
-        if opened is None and self._answered(event):
+        if opened is None and self._answered(event, journal=late or captured < self.started_wall):
             self.stats.reacked += 1
             self._ack(event)
             return []
@@ -358,8 +359,11 @@ class GatewayLogic:
             self.assembler.online.add(device)
             log.info("%s: device %s sent a frame while marked offline: online again", self.name, device)
 
-    def _answered(self, event: int) -> bool:
-        return self.assembler.is_finished(event) or self.journal.has(event)
+    def _answered(self, event: int, *, journal: bool = True) -> bool:
+        """Answered by this logic (in memory), or, with ``journal``, by any run of this gateway.
+        A live frame of an event captured since this logic started needs no journal lookup: a
+        query a frame on the hot path, for events only a previous run could have answered."""
+        return self.assembler.is_finished(event) or (journal and self.journal.has(event))
 
     def _ack(self, event: int) -> None:
         if self.reliable:

@@ -201,10 +201,16 @@ def test_a_restarted_gateway_answers_nothing_twice(tmp_path):
         first.on_scores(scores(d, event, confident(0)))
     assert first.journal.unsent()                         # journaled before it was published
     del first                                              # killed before the broker acknowledged it
-    again, _ = gateway(journal=Journal(path, window_s=3600, max_rows=1000))
+    clock.advance(0.5)
+    again = GatewayLogic(manifest(), ScriptedRunner(logits=UNSURE, edge_feature=np.arange(4, dtype=np.float32)),
+                         cell=CELL, gateway="gw0", clock=clock, settings=GatewaySettings(),
+                         journal=Journal(path, window_s=3600, max_rows=1000))
+    for d in SENSORS:
+        again.on_status(status(d))
     assert again.journal.resumed == 1 and len(again.journal.unsent()) == 1
     assert again.on_late(late("cam2", event, confident(2))) == []
-    assert acked(again) == [event]
+    assert again.on_scores(scores("cam1", event, confident(2))) == []   # a live frame the broker held
+    assert acked(again) == [event] and again.snapshot().reacked == 2
 
 
 def test_an_unanswered_forward_is_sent_again_then_answered_from_the_edge_degraded():
