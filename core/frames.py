@@ -22,8 +22,9 @@ late        ``device/{d}/late``        ``[tag, event, captured, scores, feature]
 lost        ``device/{d}/late``        ``[tag, event, captured, reason]``: the spool
                                        dropped the event's frames
 ack         ``ack``                    ``[tag, first_event, [offset, ...]]``: events the
-                                       cell has answered for good; ends with ``1``
-                                       while the gateway is behind (hold replays)
+                                       cell has answered for good; ends with ``keep``
+                                       while the gateway is behind: hold replays, and
+                                       publish live only the events ``e % keep == 0``
 ==========  =========================  ==============================================
 
 - The sender is the device in the topic, the kind is the topic's leaf.
@@ -68,6 +69,7 @@ FOG_SLICE, FOG_ANSWER = "l", "a"     # gateway -> fog node, fog node -> gateway 
 LATE, LOST, ACK = "t", "x", "k"      # device spool replay -> gateway, gateway -> devices (docs/reliability.md)
 MAX_REASON = 200
 MAX_ACKS = 4096
+MAX_KEEP = 64         # a busy gateway takes at least 1 in MAX_KEEP of the devices' live slots
 KINDS = {SCORES: "scores", FEATURE: "feature", REQUEST: "request", FORWARD: "forward",
          RAW: "raw", GONE: "gone", FOG_SLICE: "fog slice", FOG_ANSWER: "fog answer", LATE: "late", LOST: "lost notice",
          ACK: "ack"}
@@ -109,7 +111,8 @@ class Frame:
     unwraps it), ``event`` and ``captured`` for forwards; ``tensor`` for tensor frames
     (``feature`` too for one-phase scores); ``vote`` for scores whose device's cache hit;
     ``events`` (slots) for requests and gone notices; ``devices`` for requests and forwards;
-    ``reason`` for lost notices; ``busy`` for acks of a gateway that is shedding load."""
+    ``reason`` for lost notices; ``busy`` and ``keep`` for acks of a gateway that is shedding
+    load (``keep``: the devices publish live only the events ``e % keep == 0``)."""
 
     kind: str
     slot: int = 0
@@ -122,6 +125,7 @@ class Frame:
     devices: tuple[str, ...] = ()
     reason: str | None = None
     busy: bool = False
+    keep: int = 1
 
 
 @dataclass(frozen=True)
@@ -185,12 +189,16 @@ def encode_lost_frame(*, model: str, event: int, captured: float, reason: str) -
     return _pack([frame_tag(model), int(event), float(captured), reason[:MAX_REASON]])
 
 
-def encode_ack_frame(*, model: str, events: list[int], busy: bool = False) -> bytes:
+def encode_ack_frame(*, model: str, events: list[int], busy: bool = False, keep: int = 1) -> bytes:
     """The gateway's word that ``events`` are answered for good: the devices drop them from their
     spools. Ids as offsets from the first, so an ack of a run of events costs about a byte each.
-    ``busy``: the gateway is shedding load, the devices hold their replays."""
+    ``busy``: the gateway is shedding load, the devices hold their replays; ``keep`` (busy only):
+    they publish live only the events ``e % keep == 0`` and spool the others (docs/reliability.md)."""
+    if not 1 <= keep <= MAX_KEEP:
+        raise ValueError(f"keep {keep} is not in 1..{MAX_KEEP}")
     ordered = sorted(set(int(e) for e in events))
-    return _pack([frame_tag(model), ordered[0], [e - ordered[0] for e in ordered[1:]], *([1] if busy else [])])
+    return _pack([frame_tag(model), ordered[0], [e - ordered[0] for e in ordered[1:]],
+                  *([int(keep)] if busy or keep > 1 else [])])
 
 
 def encode_forward_frame(*, model: str, event: int, captured: float, devices: tuple[str, ...],
@@ -260,12 +268,15 @@ def _check(body: object, leaf: str, expect: Expect, device: str | None = None) -
     if kind == ACK:
         _need_len(body, (3, 4), kind)
         first, offsets = body[1], body[2]
-        if len(body) == 4 and body[3] != 1:
-            raise FrameError("layout", "an ack ends with its offsets, or with 1 while the gateway is behind")
+        keep = body[3] if len(body) == 4 else 1
+        if not isinstance(keep, int) or isinstance(keep, bool) or not 1 <= keep <= MAX_KEEP:
+            raise FrameError("layout", f"an ack ends with its offsets, or while the gateway is behind with 'keep' "
+                                       f"1..{MAX_KEEP}, not {show(keep)}")
         if not _is_event_id(first) or not isinstance(offsets, list) or len(offsets) > MAX_ACKS or not all(
                 isinstance(o, int) and not isinstance(o, bool) and 0 < o <= MAX_EVENT_ID - first for o in offsets):
             raise FrameError("event", "an ack lists a first event id and positive offsets from it")
-        return Frame(kind=ACK, event=first, events=(first, *(first + o for o in offsets)), busy=len(body) == 4)
+        return Frame(kind=ACK, event=first, events=(first, *(first + o for o in offsets)), busy=len(body) == 4,
+                     keep=keep)
     if kind == REQUEST:
         _need_len(body, (3,), kind)
         return Frame(kind=REQUEST, events=_check_slots(body[1], "request"),

@@ -92,6 +92,8 @@ class DeviceStats:
     refused: int = 0
     inbox_dropped: int = 0
     spool: dict = field(default_factory=dict)   # held, bytes, acked, replayed, dropped_full, expired
+    keep: int = 1                 # a busy gateway asked for 1 event in ``keep`` live (docs/reliability.md)
+    held_back: int = 0            # events spooled but not published live, as a busy gateway asked
     shard_ms: dict[str, float | None] = field(default_factory=dict)   # p50, p99 over the newest runs
     rss_mb: float | None = None
     cpu_s: float | None = None            # process CPU seconds so far
@@ -100,6 +102,7 @@ class DeviceStats:
 
 
 REPLAY_BATCH = 64     # events replayed per offer tick: a reconnect drains the spool without a burst
+KEEP_FOR_S = 2.0      # a busy gateway's ``keep`` lapses unless an ack renews it (acks come every 50 ms)
 
 
 class DeviceLogic:
@@ -121,6 +124,7 @@ class DeviceLogic:
         self.stats = DeviceStats(device=device, cell=cell, model=manifest.model_id, policy=settings.policy)
         self.shard_window = Window()
         self.spool = spool if settings.delivery == "reliable" and settings.policy != "raw" else None
+        self.keep, self.keep_until = 1, 0.0
 
     def _send(self, kind: str, payload: bytes, events: list[int]) -> Send:
         return Send(self.cell, self.device, kind, payload, tuple(events))
@@ -141,7 +145,8 @@ class DeviceLogic:
         frame = encode_slot_frame(SCORES, model=model, event=event, tensor=scores, codec=self.codecs["scores"],
                                   feature=feature if eager else None, feature_codec=self.codecs["feature"],
                                   vote=vote)
-        if not eager:
+        held_back = self._holds_back(event)
+        if not eager and not held_back:
             self.store.put(event, feature, now)
         if self.spool is not None:
             dropped = self.spool.put(event, capture.captured, model, encode_tensor(scores, self.codecs["scores"]),
@@ -150,14 +155,33 @@ class DeviceLogic:
                 log.warning("%s: spool full (%d bytes): dropped the frames of the %d oldest events (first %d); "
                             "lost notices go in their place", self.name, self.spool.max_bytes, len(dropped),
                             dropped[0])
+        if held_back:
+            self.stats.held_back += 1
+            return []
         return [self._send("scores", frame, [event])]
+
+    def _holds_back(self, event: int) -> bool:
+        """A busy gateway asked for the events ``e % keep == 0`` only (the same on every device):
+        the others stay in the spool, replayed once it has caught up. Only with a spool: a lean
+        device publishes everything and the gateway sheds what it cannot take."""
+        if self.keep > 1 and self.clock.time() >= self.keep_until:
+            self.keep = 1
+            log.info("%s: no busy ack from the gateway for %.0fs: publishing every event live again", self.name,
+                     KEEP_FOR_S)
+        self.stats.keep = self.keep
+        return self.spool is not None and self.keep > 1 and event % self.keep != 0
 
     @refusing
     def on_ack(self, msg: Message) -> list[Action]:
         """The gateway answered these events for good: they leave the spool."""
         frame = decode_frame(msg.payload, "ack", self.expect, topic=msg.topic)
         if self.spool is not None:
-            self.spool.ack(frame.events, self.clock.time(), busy=frame.busy)
+            now = self.clock.time()
+            self.spool.ack(frame.events, now, busy=frame.busy)
+            keep = frame.keep if frame.busy else 1
+            if keep != self.keep:
+                log.info("%s: the gateway asks for 1 event in %d live (was 1 in %d)", self.name, keep, self.keep)
+            self.keep, self.keep_until = keep, now + KEEP_FOR_S
         return []
 
     def replay(self) -> list[Action]:

@@ -8,8 +8,9 @@ acks every ``ack_period_ms`` and answers applications' replay requests from the 
 Overload: a scores or late frame that waited in the inbox longer than ``shed_after_ms`` is
 dropped unread (counted as ``shed``, logged as a count every ``LOG_EVERY_S``), and the next
 acks tell the devices the gateway is busy: they hold their replays, which would only be more
-load. The shed events stay in the spools and are replayed, answered late, once the gateway
-has caught up (docs/reliability.md)."""
+load, and publish live only the share of their events the gateway can take
+(gateway/admission.py). The shed and the held-back events stay in the spools and are
+replayed, answered late, once the gateway has caught up (docs/reliability.md)."""
 from __future__ import annotations
 
 import json
@@ -133,9 +134,9 @@ class Gateway(Service):
         return super().start()
 
     def _flush_acks(self) -> None:
-        busy, self._shed_since_ack = self._shed_since_ack > 0, 0
+        shed, self._shed_since_ack = self._shed_since_ack, 0
         for logic in list(self.models.logics.values()):
-            self.apply(logic.take_acks(busy=busy))
+            self.apply(logic.take_acks(shed=shed))
 
     def _on_cloud_result(self, msg):
         """A cloud answer goes to the logic of the model it names (the current one otherwise)."""

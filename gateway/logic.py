@@ -27,7 +27,7 @@ was never answered, and its answer says how late it came.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable
 
 import numpy as np
@@ -50,6 +50,7 @@ from fogsplit.core.settings import GatewaySettings
 from fogsplit.core.topics import device_of
 from fogsplit.core.transport import Message
 
+from fogsplit.gateway.admission import Admission
 from fogsplit.gateway.caching import GatewayCache, vote_logits
 from fogsplit.gateway.fog import FogGather
 from fogsplit.gateway.journal import Journal
@@ -82,7 +83,8 @@ class GatewayStats:
     duplicate_answers: int = 0                # cloud answers to events already answered (a re-forward's)
     acks_sent: int = 0
     shed: int = 0                             # frames shed: they waited past shed_after_ms in the inbox, or came
-                                              # shed_after_ms + max_skew_s after their capture (overload)
+                                              # shed_after_ms behind the stream (overload; the spools replay them)
+    admission: dict = field(default_factory=dict)   # overload control (gateway/admission.py): keep, busy_s, ...
     lost_notices: int = 0                     # events a device's spool dropped, answered as "lost"
     journal: dict = field(default_factory=dict)
     refused: int = 0
@@ -137,10 +139,12 @@ class GatewayLogic:
         self.reliable = settings.delivery == "reliable"
         self._acks: list[int] = []
         self.journal_latest: int | None = None     # the last event answered (a busy ack names it)
-        # A live frame of a new event this long after its capture means the gateway is behind the
-        # stream (clocks may differ by max_skew_s): it is shed, and the spools replay the event.
-        self.stale_s = settings.shed_after_ms / 1000.0 + settings.max_skew_s
-        self._shed_since_ack = 0
+        # A live frame of a new event this far behind the stream (its lag, gateway/admission.py),
+        # or this long after its capture whatever the device's clock, is shed: the spools replay it.
+        self.shed_s = settings.shed_after_ms / 1000.0
+        self.stale_s = self.shed_s + settings.max_skew_s
+        self.admission = Admission(target_s=self.shed_s / 4, now=clock.monotonic())
+        self._thinning = (clock.monotonic(), 0)    # since when the devices thin their stream, shed then
         self.throttled = Throttled(log, clock.monotonic)
 
     # -- inputs ---------------------------------------------------------------------------
@@ -189,10 +193,13 @@ class GatewayLogic:
             self.stats.reacked += 1
             self._ack(event)
             return []
-        if opened is None and not late and self.clock.time() - captured > self.stale_s:
-            self.stats.shed += 1          # behind the stream (the broker or the socket held it): the spool replays it
-            self._shed_since_ack += 1
-            return []
+        if not late:
+            age = self.clock.time() - captured
+            lag = self.admission.lag(device, age, self.clock.monotonic())
+            if opened is None and (lag > self.shed_s or age > self.stale_s):
+                self.stats.shed += 1      # behind the stream (the broker or the socket held it): the spool replays it
+                return []
+            self.admission.took()
         ev = self.assembler.add(event, device, scores, captured, self.clock.monotonic())
         opened = self.assembler.open.get(event)
         if opened is None or opened.stage != "scores":
@@ -293,20 +300,40 @@ class GatewayLogic:
                 self._cloud_overdue(ev) if ev.stage == "cloud" else self._run_edge(ev)
         return actions
 
-    def take_acks(self, *, busy: bool = False) -> list[Action]:
-        """The acks gathered since the last call, as frames for the cell's ack topic; ``busy``
-        (the service shed frames since the last call) asks the devices to hold their replays."""
+    def take_acks(self, *, shed: int = 0) -> list[Action]:
+        """The acks gathered since the last call, as frames for the cell's ack topic. ``shed``:
+        frames the service shed since the last call. A busy gateway (it shed frames, or is
+        behind the stream) asks the devices to hold their replays and to publish live only 1
+        event in ``keep`` (gateway/admission.py); a busy ack goes out even with nothing to ack."""
         acks, self._acks = self._acks, []
-        busy, self._shed_since_ack = busy or self._shed_since_ack > 0, 0
+        self.admission.shed(shed)        # the frames this logic shed for their lag count as lagging frames
+        was = self.admission.keep
+        offered = sum(self.roster.devices[d].rate or 0.0 for d in self.assembler.expected() if d in self.roster.devices)
+        keep = self.admission.update(self.clock.monotonic(), offered or None)
+        busy = self.admission.busy
+        if keep != was and 1 in (keep, was):
+            self._log_thinning(was, keep)
         if busy and not acks and self.reliable:
             acks = [self.journal_latest] if self.journal_latest is not None else []
         out: list[Action] = []
         for start in range(0, len(acks), MAX_ACKS):
             chunk = acks[start:start + MAX_ACKS]
             out.append(Send(self.cell, "", "ack", encode_ack_frame(model=self.manifest.model_id, events=chunk,
-                                                                   busy=busy), tuple(chunk)))
+                                                                   busy=busy, keep=keep), tuple(chunk)))
         self.stats.acks_sent += len(acks)
         return out
+
+    def _log_thinning(self, was: int, keep: int) -> None:
+        """One line when the gateway starts asking the devices to thin their stream, one when it stops."""
+        now = self.clock.monotonic()
+        if was == 1:
+            self._thinning = (now, self.stats.shed)
+            log.warning("%s: behind the stream (lag up to %.0f ms): the devices publish 1 event in %d live, the "
+                        "others are replayed late from their spools", self.name, self.admission.stats.lag_ms, keep)
+        else:
+            since, shed = self._thinning
+            log.info("%s: caught up after %.1fs of thinning (%d frames shed meanwhile): every event live again",
+                     self.name, now - since, self.stats.shed - shed)
 
     def snapshot(self) -> GatewayStats:
         """The counters as they are now, and the rates since the last snapshot; the service adds
@@ -322,6 +349,7 @@ class GatewayLogic:
             cache_hit_rate=ratio(exits["cache"], past_local) if self.cache is not None else None,
             last_seen_s=ages(self.last_seen, now, self.sensors), thresholds=dict(self.thresholds),
             cache=self.cache.snapshot() if self.cache is not None else {},
+            admission=asdict(self.admission.stats),
             fog=self.fog.snapshot() if self.fog is not None else {},
             journal={"rows": self.journal.rows, "pruned": self.journal.pruned, "file": str(self.journal.path)
                      if self.journal.path is not None else None})

@@ -60,7 +60,7 @@ def test_a_forward_the_dying_worker_never_acked_is_delivered_again(mosquitto):
 @pytest.fixture
 def cell(bundle_dir, trusted_keys, small_data, tmp_path):
     """A cloud worker, a gateway with a journal file and every device of the bundle, the devices
-    behind one TCP proxy each; ``start(url)`` returns the pieces."""
+    behind one TCP proxy each; ``start(url)`` returns the pieces (the device agents last)."""
     started = []
 
     def start(url: str, *, events: int = 30, rate: float = 20.0):
@@ -90,7 +90,8 @@ def cell(bundle_dir, trusted_keys, small_data, tmp_path):
             service.transport.connect()
             service.start()
         started.append((services, proxies, app))
-        return topics, gateway, proxies, app, results, set(range(start_slot, start_slot + events))
+        devices = [s for s in services if isinstance(s, DeviceAgent)]
+        return topics, gateway, proxies, app, results, set(range(start_slot, start_slot + events)), devices
 
     yield start
     for services, proxies, app in started:
@@ -103,7 +104,7 @@ def cell(bundle_dir, trusted_keys, small_data, tmp_path):
 
 
 def test_a_cell_cut_off_from_the_broker_answers_every_event_late_and_once(broker, cell):
-    topics, gateway, proxies, app, results, events = cell(broker, events=40, rate=20.0)
+    topics, gateway, proxies, app, results, events, _ = cell(broker, events=40, rate=20.0)
     assert wait_until(lambda: len(results) >= 5, timeout=15)
     for proxy in proxies:             # every device of the cell loses the broker for 2.5 s
         proxy.cut()
@@ -118,7 +119,7 @@ def test_a_cell_cut_off_from_the_broker_answers_every_event_late_and_once(broker
 
 
 def test_an_application_that_lost_its_session_gets_the_missed_results_replayed(broker, cell):
-    topics, gateway, proxies, app, results, events = cell(broker, events=40, rate=20.0)
+    topics, gateway, proxies, app, results, events, _ = cell(broker, events=40, rate=20.0)
     assert wait_until(lambda: len(results) >= 5, timeout=15)
     app.close()                         # the application is away while results are published ...
     time.sleep(1.0)
@@ -134,3 +135,20 @@ def test_an_application_that_lost_its_session_gets_the_missed_results_replayed(b
         assert back.replays_asked == 1 and back.replayed > 0 and back.duplicates == 0
     finally:
         back.close()
+
+
+def test_a_gateway_that_fell_behind_thins_the_devices_stream_and_answers_every_event_once(broker, cell):
+    """The gateway's loop stalls for 2.5 s (a stand-in for more load than it can take): what
+    piled up is shed, its acks ask the devices for 1 event in ``keep`` live, they hold the rest
+    in their spools, and once it has caught up every event is answered, once."""
+    topics, gateway, proxies, app, results, events, devices = cell(broker, events=80, rate=20.0)
+    assert wait_until(lambda: len(results) >= 5, timeout=15)
+    gateway.submit(time.sleep, 2.5)
+    assert wait_until(lambda: events <= set(results), timeout=60), f"unanswered: {sorted(events - set(results))}"
+    time.sleep(1.5)                    # a second answer would come now
+    assert app.duplicates == 0 and all(len(rs) == 1 for rs in results.values())
+    stats = gateway.snapshot()
+    assert stats.shed > 0 and stats.admission["raises"] >= 1 and stats.admission["busy_s"] > 0
+    assert sum(d.snapshot().held_back for d in devices) > 0, "no device held an event back"
+    late = [rs[0] for e, rs in results.items() if e in events and rs[0].late]
+    assert late and all(r.exit != "lost" for rs in results.values() for r in rs)

@@ -342,10 +342,10 @@ def test_a_busy_gateway_holds_the_devices_replays():
     event = round(clock.time() * RATE)
     for d in SENSORS:
         logic.on_scores(scores(d, event, confident(0)))
-    (send,) = logic.take_acks(busy=True)
+    (send,) = logic.take_acks(shed=1)                     # the service shed a frame
     frame = decode_frame(send.payload, "ack", logic.expect)
-    assert frame.busy and frame.events == (event,)
-    (again,) = logic.take_acks(busy=True)               # nothing new answered: busy still said
+    assert frame.busy and frame.keep == 2 and frame.events == (event,)
+    (again,) = logic.take_acks()                         # nothing new answered: busy still said
     assert decode_frame(again.payload, "ack", logic.expect).busy
     s = spool(reoffer_s=2.0)
     s.put(1, 0.0, "m1", b"s", None, None, now=0.0)
@@ -354,15 +354,82 @@ def test_a_busy_gateway_holds_the_devices_replays():
     assert [h.event for h in s.due(now=7.1, limit=10)] == [1]
 
 
-def test_a_live_frame_far_behind_its_capture_is_shed_and_the_devices_told_to_hold():
+def test_a_gateway_behind_the_stream_sheds_stale_frames_and_tells_the_devices_to_thin_it():
     logic, clock = gateway(shed_after_ms=1000, max_skew_s=2.0)
-    event = round(clock.time() * RATE) - 40                # 4 s ago: the gateway is behind the stream
-    assert logic.on_scores(scores("cam0", event, confident(0))) == []
-    assert logic.snapshot().shed == 1 and logic.assembler.open == {}
-    busy = []
-    for fresh in (round(clock.time() * RATE), round(clock.time() * RATE) + 1):
+    fresh = round(clock.time() * RATE)
+    for d in SENSORS:                                       # the devices' usual age: 0
+        logic.on_scores(scores(d, fresh, confident(0)))
+    clock.advance(1.6)                                      # the gateway stalled: 1.5 s behind the stream
+    keeps = []
+    for _ in range(12):                                     # 1.2 s of frames handled 1.5 s after capture
         for d in SENSORS:
-            logic.on_scores(scores(d, fresh, confident(0)))
-        (send,) = logic.take_acks()
-        busy.append(decode_frame(send.payload, "ack", logic.expect).busy)
-    assert busy == [True, False]                            # told with the next ack, then not
+            assert logic.on_scores(scores(d, round((clock.time() - 1.5) * RATE), confident(0))) == []
+        clock.advance(1 / RATE)
+        frames = [decode_frame(a.payload, "ack", logic.expect) for a in logic.take_acks()]
+        keeps.append(frames[0].keep if frames and frames[0].busy else 0)
+    assert logic.snapshot().shed == 12 * len(SENSORS) and logic.assembler.open == {}
+    assert keeps[0] == 0 and keeps[-1] == 2                 # a backlog that lasts: 1 event in 2 live
+    for _ in range(15):                                     # caught up: fresh frames for 1.5 s
+        for d in SENSORS:
+            logic.on_scores(scores(d, round(clock.time() * RATE), confident(0)))
+        clock.advance(1 / RATE)
+        sends = logic.take_acks()
+    assert not decode_frame(sends[-1].payload, "ack", logic.expect).busy    # every event live again
+    assert logic.snapshot().admission["raises"] == 1
+
+
+def test_a_device_clock_that_is_off_is_not_taken_for_a_backlog():
+    logic, clock = gateway(shed_after_ms=1000, max_skew_s=2.0)
+    for n in range(5):                                      # cam0's clock is 1.6 s behind: its frames look old
+        event = round((clock.time() - 1.6) * RATE)
+        assert logic.on_scores(scores("cam0", event, confident(0))) == [] and logic.snapshot().shed == 0
+        clock.advance(0.1)
+    assert not any(decode_frame(s.payload, "ack", logic.expect).busy for s in logic.take_acks())
+
+
+def test_a_device_asked_to_thin_its_stream_spools_the_rest_and_replays_it_once_the_gateway_caught_up():
+    logic, clock = device()
+    busy = Message(TOPICS.ack(CELL), encode_ack_frame(model="m1", events=[1], busy=True, keep=3))
+    assert logic.on_ack(busy) == []
+    first = round(clock.time() * RATE)
+    sent = []
+    for event in range(first, first + 6):
+        sent += [event for _ in logic.on_capture(Capture(event, event / RATE, np.zeros((1, 8, 8), np.float32)))]
+        clock.advance(0.1)
+    assert sent == [e for e in range(first, first + 6) if e % 3 == 0]
+    assert logic.snapshot().held_back == 4 and logic.snapshot().keep == 3 and len(logic.spool) == 6
+    clock.advance(2.5)
+    logic.on_ack(busy)                                      # still busy: the spool holds its replays
+    assert logic.replay() == []
+    logic.on_ack(Message(TOPICS.ack(CELL), encode_ack_frame(model="m1", events=sent)))
+    clock.advance(3.1)                                      # caught up: the rest comes late, in capture order
+    replayed = [decode_frame(a.payload, "late", logic.expect).event for a in logic.replay()]
+    assert replayed == [e for e in range(first, first + 6) if e % 3 != 0]
+    event = first + 100                                     # and every new event goes live again
+    assert len(logic.on_capture(Capture(event, event / RATE, np.zeros((1, 8, 8), np.float32)))) == 1
+
+
+def test_a_busy_ack_lapses_when_the_gateway_falls_silent():
+    logic, clock = device()
+    logic.on_ack(Message(TOPICS.ack(CELL), encode_ack_frame(model="m1", events=[1], busy=True, keep=4)))
+    clock.advance(2.5)                                      # no ack since: the gateway may be gone
+    event = 4 * round(clock.time() * RATE) + 1
+    assert len(logic.on_capture(Capture(event, event / RATE, np.zeros((1, 8, 8), np.float32)))) == 1
+    assert logic.snapshot().keep == 1
+
+
+def test_a_lean_device_publishes_every_event_whatever_the_gateway_says():
+    logic, clock = device(delivery="lean")
+    logic.on_ack(Message(TOPICS.ack(CELL), encode_ack_frame(model="m1", events=[1], busy=True, keep=4)))
+    event = 4 * round(clock.time() * RATE) + 1
+    assert len(logic.on_capture(Capture(event, event / RATE, np.zeros((1, 8, 8), np.float32)))) == 1
+
+
+@pytest.mark.parametrize("keep", [0, 65, True, "2", 2.0, -1])
+def test_an_ack_with_a_bad_keep_is_refused(keep):
+    import msgpack
+    expect = expect_frames(manifest())
+    with pytest.raises(Exception) as err:
+        decode_frame(msgpack.packb([expect.tag, 7, [], keep]), "ack", expect)
+    assert err.value.rule == "layout" and "keep" in str(err.value)
+    assert decode_frame(encode_ack_frame(model="m1", events=[7], busy=True, keep=64), "ack", expect).keep == 64

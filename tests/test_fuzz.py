@@ -207,7 +207,8 @@ def test_seeded_mutations_crash_no_service_and_the_cell_still_answers(fuzz_bundl
     for i in range(5):
         harness.capture(first + i)
         harness.tick(0.5)
-    harness.tick(3.0)
+    for _ in range(60):       # mostly stale frames, more than the cell's own: load, so the gateway may
+        harness.tick(0.5)     # have asked the devices to thin their stream; the rest comes late
     events = {json.loads(r)["event"] for r in harness.results[answered:]}
     assert set(range(first, first + 5)) <= events
     harness.close()
