@@ -37,7 +37,7 @@ MQTT_VERSIONS = ("5", "3.1.1")
 
 # rumqttd's limits, chosen to match compose/mosquitto/mosquitto.conf where there is a match.
 MAX_PAYLOAD_BYTES = 16 << 20     # Mosquitto's max_packet_size in compose; iotcore's default is 20 kB
-MAX_INFLIGHT = 100               # QoS 1 messages in flight per client (max_inflight_messages)
+MAX_INFLIGHT = 1000              # QoS 1 messages in flight per client (max_inflight_messages)
 # rumqttd keeps what is published on each subscribed filter in memory segments, and a client
 # (a persistent session away, or a slow one) reads from them at its own offset. What it has not
 # read when the oldest segment is dropped is lost to it. 8 segments of 2 MiB bound the memory
