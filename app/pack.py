@@ -34,9 +34,12 @@ from fogsplit.core.topics import check_name
 
 log = logging.getLogger(__name__)
 
-# onnxruntime publishes its aarch64 wheels as manylinux_2_28 only; pip also accepts every
-# older manylinux tag of the architecture (2_17, 2014) for the other packages.
-PLATFORMS = {"x86_64": "manylinux_2_28_x86_64", "aarch64": "manylinux_2_28_aarch64"}
+# onnxruntime publishes its aarch64 wheels as manylinux_2_28 only, and some packages (cffi 2,
+# which PyNaCl needs) only as manylinux2014 (glibc 2.17). pip takes a --platform as that exact
+# tag (pip 23 does not widen manylinux_2_28 to the older tags), so both are named: a target
+# with glibc 2.28 runs either.
+PLATFORMS = {"x86_64": ("manylinux_2_28_x86_64", "manylinux2014_x86_64"),
+             "aarch64": ("manylinux_2_28_aarch64", "manylinux2014_aarch64")}
 ARMV7 = ("armv7", "armv7l", "armhf", "arm")
 PYTHONS = ("3.10", "3.11", "3.12", "3.13")
 UNIT = "fogsplit-device.service"
@@ -176,7 +179,7 @@ def build_wheel(source: Path, dest: Path) -> Path:
 
 def _target(platform: str, python: str) -> list[str]:
     abi = "cp" + python.replace(".", "")
-    return ["--platform", PLATFORMS[platform], "--python-version", python, "--implementation", "cp", "--abi", abi,
+    return [*(flag for tag in PLATFORMS[platform] for flag in ("--platform", tag)), "--python-version", python, "--implementation", "cp", "--abi", abi,
             "--only-binary=:all:"]
 
 

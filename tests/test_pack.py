@@ -123,6 +123,7 @@ def test_the_aarch64_wheelhouse_resolves_with_no_index(bundle_dir, trusted_keys,
     assert any(n.startswith("onnxruntime-") and "manylinux_2_28_aarch64" in n for n in names), names
     done = subprocess.run([sys.executable, "-m", "pip", "--isolated", "install", "--dry-run", "--no-index",
                            "--find-links", str(wheelhouse), "--platform", "manylinux_2_28_aarch64",
+                           "--platform", "manylinux2014_aarch64",       # a Pi with glibc 2.28 takes both
                            "--python-version", python, "--only-binary=:all:", "--target", str(tmp_path / "t"),
                            "--report", str(tmp_path / "r.json"), "fogsplit"], capture_output=True, text=True,
                           timeout=120)
