@@ -1,6 +1,7 @@
 """The semantic cache over real brokers: answers with exit ``cache``, once per event; bad input refused."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 
@@ -32,6 +33,14 @@ def test_repeated_scenes_are_answered_from_cache_once_per_event(mosquitto, bundl
     """Mosquitto only: on the rumqttd fixture the cell's subscribers to the result topic starve
     (features arrive late, results never reach the gateway's cache): see docs/cache.md."""
     broker = mosquitto
+    # A device votes only for a label its own exit predicts too, and the fixture's device exits
+    # are weak and vary with the machine's floating point (on one machine 74 of 540 cache hits
+    # agreed with their device's exit): with the bundle's quorum (half the cell) whether any
+    # event gathers one is luck. One agreeing device answers here, which still takes the votes
+    # through the wire and the gateway's quorum rule.
+    spec = bundle.manifest.cache
+    bundle = dataclasses.replace(bundle, manifest=dataclasses.replace(
+        bundle.manifest, cache=dataclasses.replace(spec, quorum=1 / len(bundle.manifest.sensor_names))))
     stream = redundant_images(90, seed=11, redundancy=0.95)
     # No local exits (the small model's local exit takes nearly everything): every event consults the cache.
     settings = GatewaySettings(cache=CACHE, local_threshold=0.0)
