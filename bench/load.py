@@ -46,7 +46,13 @@ In the same run, on a broker of the same kind and configuration (bench.stack's):
 - ``local_latency_ms_p50``: the median latency of the cell's local exits at ``--latency-rate``.
 
 Then ``overload``: the cell at twice ``max_rate`` for a window, then SIGTERM to the gateway,
-timed (``sigterm_s``; killed after ``--sigterm-timeout``). ``--profile`` records the gateway
+timed (``sigterm_s``; killed after ``--sigterm-timeout``), then the drain: the gateway is
+started again (same journal), the devices stop capturing, and the bench waits (at most
+``--drain-s``) until every event of the window has a message: answered live (``live_latency_ms``),
+answered late from a spool (the events the devices held back, as the busy gateway asked, and
+the frames it shed), or reported lost. ``graceful``: live p99 within ``--p99-ms``, no event of
+the window silent or answered twice after the drain, SIGTERM obeyed, nothing died
+(docs/reliability.md, "Overload"). ``--profile`` records the gateway
 with py-spy over the overload window (``pip install py-spy``) and lists where its time goes,
 twice: ``all`` (every thread not idle; a thread waiting for the GIL is counted where it waits)
 and ``gil`` (only the thread holding the GIL: where the interpreter's one core goes).
@@ -94,6 +100,7 @@ BARE_PUBLISHER = ("from fogsplit.bench.load import bare_publisher_main; import s
 REPLAY_PERIOD_S = 0.2      # as device/agent.py
 REPLAY_BATCH = 64          # as device/logic.py
 MAX_REOFFER_S = 30.0       # as device/spool.py
+KEEP_FOR_S = 2.0           # as device/logic.py
 MAX_UNACKED = 100_000      # the synthetic spool's bound (events)
 SCAN_UNACKED = 4096        # events looked at per replay tick
 
@@ -337,6 +344,9 @@ class SyntheticDevices:
         self.lock = threading.Lock()
         self.unacked: OrderedDict[int, list] = OrderedDict()    # event -> [captured, offers, next_offer]
         self.last_ack: float | None = None
+        self.keep, self.keep_until, self.hold_until = 1, 0.0, 0.0    # a busy gateway's word, as DeviceLogic's
+        self.capturing = threading.Event()
+        self.capturing.set()             # cleared (SIGUSR1): no new slots, the spool still replays
         self.latest = -1
         self.stats = Counter()
         self.skipped_ranges: list[list[int]] = []
@@ -397,6 +407,9 @@ class SyntheticDevices:
             self.stats["bad_acks"] += 1
             return
         now = time.time()
+        if frame.busy:
+            self.hold_until = now + self.reoffer_s
+        self.keep, self.keep_until = (frame.keep if frame.busy else 1), now + KEEP_FOR_S
         with self.lock:
             removed = sum(self.unacked.pop(e, None) is not None for e in frame.events)
         if removed:
@@ -411,6 +424,13 @@ class SyntheticDevices:
         next_replay = time.monotonic() + REPLAY_PERIOD_S
         next_stats = time.monotonic()
         while not self.stop_flag.is_set():
+            if not self.capturing.is_set():
+                self.stop_flag.wait(REPLAY_PERIOD_S)
+                if self.spool:
+                    self._replay(time.time())
+                if stats_file is not None:
+                    self.write_stats(stats_file)
+                continue
             due = slot / rate
             delay = due - time.time()
             if delay > 0:
@@ -440,8 +460,13 @@ class SyntheticDevices:
     def _publish_slot(self, slot: int, captured: float) -> None:
         index = slot % self.samples
         slot16 = slot % 65536
-        for device, link in self.links.items():
-            link.publish0(self.scores_topics[device], self.packb([self.tag, slot16, self.outputs[device][0][index]]))
+        keep = self.keep if self.spool and time.time() < self.keep_until else 1
+        if keep > 1 and slot % keep:
+            self.stats["held_back"] += 1           # a busy gateway asked for 1 slot in keep: the spool has it
+        else:
+            for device, link in self.links.items():
+                link.publish0(self.scores_topics[device],
+                              self.packb([self.tag, slot16, self.outputs[device][0][index]]))
         self.latest = slot
         self.stats["slots"] += 1
         if self.spool:
@@ -455,6 +480,8 @@ class SyntheticDevices:
         """As Spool.due: what is past its re-offer time, oldest first, as late frames; while no
         ack comes at all, only the oldest (a probe)."""
         from fogsplit.core.frames import encode_late_frame
+        if now < self.hold_until:
+            return                                 # the gateway is busy
         silent = self.stats["replayed"] > 0 and (self.last_ack is None or now - self.last_ack > self.reoffer_s)
         limit = 1 if silent else REPLAY_BATCH
         due = []
@@ -481,7 +508,7 @@ class SyntheticDevices:
             unacked = len(self.unacked)
         return {"pid": os.getpid(), "time": time.time(), "rate": self.rate, "first_slot": self.first_slot,
                 "last_slot": self.latest, **self.stats, "skipped_ranges": self.skipped_ranges[:1000],
-                "unacked": unacked, "lag_ms_p99": round(1000 * lags[int(0.99 * (len(lags) - 1))], 2) if lags else None,
+                "unacked": unacked, "keep": self.keep, "capturing": self.capturing.is_set(), "lag_ms_p99": round(1000 * lags[int(0.99 * (len(lags) - 1))], 2) if lags else None,
                 "lag_ms_max": round(1000 * lags[-1], 2) if lags else None}
 
     def write_stats(self, path: Path) -> None:
@@ -522,6 +549,7 @@ def publisher_main(argv: list[str] | None = None) -> int:
     cell = SyntheticDevices(args.url, Topics(args.fleet), args.cell, bundle, outputs, rate=args.rate,
                             spool=not args.no_spool, mqtt5=mqtt5)
     cell.stop_flag = stop
+    signal.signal(signal.SIGUSR1, lambda *_: cell.capturing.clear())     # stop capturing, keep replaying
     cell.connect()
     log.info("synthetic devices %s of %s/%s at %g events/s on %s (MQTT %s)", devices, args.fleet, args.cell,
              args.rate, args.url, "5" if mqtt5 else "3.1.1")
@@ -555,6 +583,11 @@ class Publisher(Proc):
         self.stats_path.unlink(missing_ok=True)
         super().start()
         return self
+
+    def pause(self) -> None:
+        """Stop capturing new slots; the synthetic spool goes on replaying what is not acked."""
+        if self.alive:
+            os.kill(self.pid, signal.SIGUSR1)
 
     def stats(self) -> dict:
         try:
@@ -636,6 +669,7 @@ def _gateway_delta(before: dict | None, after: dict | None) -> dict:
     before = before or {}
     out = {k: after.get(k, 0) - before.get(k, 0) for k in GATEWAY_KEYS if isinstance(after.get(k), (int, float))}
     out["open_events"] = after.get("open_events")
+    out["admission"] = after.get("admission")
     failed = (after.get("transport") or {}).get("failed_publishes")
     out["transport_failed_publishes"] = None if failed is None else \
         failed - ((before.get("transport") or {}).get("failed_publishes") or 0)
@@ -773,6 +807,10 @@ def tally(arrivals: list[Arrival], events: list[int]) -> dict:
             answers[e] = min(real, key=lambda a: a.at)
     notices = [e for e in by_event if e not in answers]
     lat = [1000 * (a.at - a.captured) for a in answers.values() if a.captured is not None]
+    live = [1000 * (a.at - a.captured) for a in answers.values() if a.captured is not None and not a.late]
+    # of a live answer's latency, the part after the gateway answered: publishing, the broker, the application
+    delivery = [1000 * (a.at - a.captured) - a.answer_ms for a in answers.values()
+                if a.captured is not None and not a.late and a.answer_ms is not None]
     local = [1000 * (a.at - a.captured) for a in answers.values()
              if a.captured is not None and a.exit == "local" and a.reason is None]
     return {
@@ -784,7 +822,8 @@ def tally(arrivals: list[Arrival], events: list[int]) -> dict:
         "degraded_reasons": dict(Counter(a.reason for a in answers.values() if a.reason)),
         "exits": dict(Counter(a.exit or "?" for a in answers.values())),
         "late": sum(1 for a in answers.values() if a.late),
-        "latency_ms": percentiles(lat), "local_latency_ms": percentiles(local),
+        "latency_ms": percentiles(lat), "live_latency_ms": percentiles(live),
+        "live_delivery_ms": percentiles(delivery), "local_latency_ms": percentiles(local),
     }
 
 
@@ -797,7 +836,7 @@ def percentiles(values: list[float], qs=(50, 95, 99)) -> dict[str, float | None]
 
 
 def measure_window(running: Running, ctx: Context, *, profile: Path | None = None,
-                   after: Callable[[Running], dict] | None = None) -> dict:
+                   after: Callable[[Running, list[int]], dict] | None = None) -> dict:
     """Warm up, sample one window of the running cell, wait for its answers; the step's row."""
     time.sleep(ctx.warmup_s)
     stack, rate = running.stack, running.rate
@@ -814,8 +853,8 @@ def measure_window(running: Running, ctx: Context, *, profile: Path | None = Non
     devices = running.monitor.snapshot()
     gw1 = devices.pop("gateway", None)
     arrivals = stack.collector.log.arrivals()
-    row = {"rate": rate, "window_s": round(t1 - t0, 2), **tally(arrivals, window_events(rate, t0, t1,
-                                                                                       src.get("skipped_ranges")))}
+    events = window_events(rate, t0, t1, src.get("skipped_ranges"))
+    row = {"rate": rate, "window_s": round(t1 - t0, 2), **tally(arrivals, events)}
     first = max(src.get("first_slot") or 0, math.ceil((stack.started_at or t0) * rate))
     whole = tally(arrivals, window_events(rate, first / rate, t1, src.get("skipped_ranges")))
     row["whole_run"] = {k: whole[k] for k in ("captured", "results", "lost", "lost_notices", "shed", "duplicates",
@@ -835,7 +874,7 @@ def measure_window(running: Running, ctx: Context, *, profile: Path | None = Non
     if profile is not None:
         row["profile"] = finish_profile(spy)
     if after is not None:
-        row.update(after(running))
+        row.update(after(running, events))
     if row["died"]:
         log.warning("died on their own: %s\n%s", row["died"], stack.report_dead())
     return row
@@ -844,7 +883,7 @@ def measure_window(running: Running, ctx: Context, *, profile: Path | None = Non
 def _source_row(src: dict, devices: dict[str, dict], monitor: StatsMonitor) -> dict:
     if src:
         keys = ("slots", "skipped", "lag_ms_p99", "lag_ms_max", "features", "gone", "replayed", "acked", "unacked",
-                "dropped_full")
+                "dropped_full", "held_back", "keep")
         return {"kind": "synthetic", **{k: src.get(k, 0) for k in keys}}
     first = monitor.first
     out = {"kind": "devices", "dropped_captures": 0, "skipped_slots": 0, "inbox_dropped": 0, "cpu_percent": {}}
@@ -871,6 +910,8 @@ def judge(row: dict, p99_ms: float) -> dict:
     if p99 is None or p99 > p99_ms:
         why.append(f"p99 {p99} ms over {p99_ms:g}")
     src = row["source"]
+    if src.get("held_back"):
+        why.append(f"{src['held_back']} events held back by the devices (the gateway was behind and thinned the stream)")
     if src.get("skipped") or src.get("skipped_slots") or src.get("dropped_captures"):
         why.append("the source fell behind its schedule")
     if row["died"]:
@@ -1386,6 +1427,53 @@ def sigterm_gateway(running: Running, timeout: float) -> dict:
             "gateway_final": _final_stats(proc.log_path)}
 
 
+def stop_then_drain(running: Running, events: list[int], *, sigterm_timeout: float, drain_s: float) -> dict:
+    """The overload's end: SIGTERM the gateway while the cell still streams at the overload rate
+    (timed), start it again (same journal), stop the devices capturing, and wait until every
+    event of the window has a message (an answer, live or late, or a lost notice): how long
+    that took and what the held-back and shed events got. Only the synthetic source can stop
+    capturing; with real agents the drain is skipped."""
+    out = sigterm_gateway(running, sigterm_timeout)
+    if running.publisher is None:
+        return {**out, "drain": None}
+    running.stack.restart("gateway")
+    running.publisher.pause()
+    started = time.time()
+    log.info("load: overload over: the gateway restarted, the devices stopped capturing; draining their spools")
+    while True:
+        got = tally(running.stack.collector.log.arrivals(), events)
+        if got["lost"] == 0 or time.time() - started > drain_s or running.dead():
+            break
+        time.sleep(1.0)
+    src = running.publisher.stats()
+    return {**out, "drain": {
+        "seconds": round(time.time() - started, 1), "timed_out": got["lost"] > 0, "captured": got["captured"],
+        "results": got["results"], "late": got["late"], "lost_notices": got["lost_notices"], "silent": got["lost"],
+        "duplicates": got["duplicates"], "latency_ms": got["latency_ms"], "held_back": src.get("held_back", 0),
+        "replayed": src.get("replayed", 0), "unacked": src.get("unacked")}}
+
+
+def judge_overload(row: dict, p99_ms: float) -> dict:
+    """Overload is graceful when the events answered live stay within the latency bound, every
+    event of the window is answered or reported lost once the gateway caught up (none silent,
+    none twice), the gateway stopped on SIGTERM and nothing died."""
+    why = []
+    p99 = row["live_latency_ms"]["p99"]
+    if p99 is None or p99 > p99_ms:
+        why.append(f"live p99 {p99} ms over {p99_ms:g}")
+    drain = row.get("drain")
+    if drain is None:
+        why.append("no drain (the real device agents cannot stop capturing)")
+    elif drain["silent"] or drain["duplicates"]:
+        why.append(f"after {drain['seconds']} s of drain: {drain['silent']} events silent, "
+                   f"{drain['duplicates']} answered twice")
+    if row.get("sigterm_killed"):
+        why.append("the gateway ignored SIGTERM")
+    if row["died"]:
+        why.append(f"died: {','.join(row['died'])}")
+    return {"graceful": not why, "why_not_graceful": why}
+
+
 def _final_stats(log_path: Path) -> dict | None:
     """The stats JSON the gateway logs when it stops ("stopping; {...}")."""
     try:
@@ -1427,7 +1515,9 @@ def run(args) -> dict:
         over_rate = args.overload_rate or 2 * (max_rate or args.start_rate)
         profile = workdir / "gateway-overload.txt" if args.profile else None
         overload = run_step(ctx, over_rate, "overload", profile=profile,
-                            after=lambda r: sigterm_gateway(r, args.sigterm_timeout))
+                            after=lambda r, events: stop_then_drain(r, events, sigterm_timeout=args.sigterm_timeout,
+                                                                    drain_s=args.drain_s))
+        overload.update(judge_overload(overload, ctx.p99_ms))
     cpu = (top or overload)["cpu"]
     body = {
         "broker": ctx.broker_kind, "source": ctx.source, "devices": len(ctx.devices), "p99_bound_ms": ctx.p99_ms,
@@ -1456,7 +1546,7 @@ def overload_row(row: dict) -> dict:
     keys = ("rate", "captured", "results", "lost", "lost_notices", "lost_reasons", "duplicates", "shed",
             "gateway_shed_total", "gateway_local_latency_ms", "gateway_cpu_ms_per_event", "degraded_reasons", "exits", "late", "latency_ms", "gateway", "source", "sigterm_s",
             "sigterm_exit", "sigterm_killed", "gateway_final", "died", "rss_mb", "holds", "why", "whole_run",
-            "profile")
+            "profile", "live_latency_ms", "live_delivery_ms", "drain", "graceful", "why_not_graceful")
     out = {k: row.get(k) for k in keys if k in row}
     out["events"] = row["captured"]
     out["p99_ms"] = row["latency_ms"]["p99"]
@@ -1499,6 +1589,13 @@ def format_table(result: dict) -> str:
                  f"{o.get('gateway_shed_total')}), lost {w.get('lost')}; frames dropped at the gateway's inbox "
                  f"{(o.get('gateway') or {}).get('inbox_dropped')}; SIGTERM: exit {o.get('sigterm_exit')} after "
                  f"{o.get('sigterm_s')} s")
+    live, d = o.get("live_latency_ms") or {}, o.get("drain") or {}
+    lines.append(f"overload: answered live {live.get('n')} (p50 {live.get('p50')} ms, p99 {live.get('p99')} ms), "
+                 f"held back by the devices {(o.get('source') or {}).get('held_back')}, gateway keep "
+                 f"{((o.get('gateway') or {}).get('admission') or {}).get('keep')}; drain after the gateway's "
+                 f"restart: {d.get('seconds')} s, {d.get('results')} of {d.get('captured')} answered "
+                 f"({d.get('late')} late), {d.get('lost_notices')} lost notices, {d.get('silent')} silent, "
+                 f"{d.get('duplicates')} twice; graceful: {o.get('graceful')} {'; '.join(o.get('why_not_graceful') or [])}")
     lines.append(f"bottleneck: {result['bottleneck']}")
     cpu = result["cpu"]
     lines.append(f"CPU at {cpu['rate']:g}/s (cores): " + ", ".join(
@@ -1570,6 +1667,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--overload-rate", type=positive(float), help="default: twice max_rate")
     parser.add_argument("--sigterm-timeout", type=positive(float), default=30.0,
                         help="seconds the gateway gets to stop on SIGTERM before it is killed (30)")
+    parser.add_argument("--drain-s", type=positive(float), default=300.0,
+                        help="most seconds, after the overload, for every event of its window to be answered (300)")
     parser.add_argument("--profile", action="store_true", help="py-spy the gateway over the overload window")
     parser.add_argument("--bare-seconds", type=positive(float), default=5.0, help="seconds per bare trial (5)")
     parser.add_argument("--bare-start-rate", type=positive(float), default=200.0,

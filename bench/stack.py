@@ -200,7 +200,7 @@ def mosquitto_bench_config(port: int, data_dir: Path) -> str:
     autosave interval, TCP_NODELAY), anonymous, one plain listener on ``port``."""
     user = "user root\n" if os.geteuid() == 0 else ""     # as root Mosquitto would drop to 'mosquitto'
     return (f"{user}listener {port} 127.0.0.1\nallow_anonymous true\n"
-            "set_tcp_nodelay true\nmax_inflight_messages 100\nmax_queued_messages 10000\n"
+            "set_tcp_nodelay true\nmax_inflight_messages 1000\nmax_queued_messages 10000\n"
             "max_queued_bytes 67108864\nmax_packet_size 16777216\n"
             f"persistence true\npersistence_location {data_dir}/\nautosave_interval 300\n"
             "log_dest stdout\nlog_type error\nlog_type warning\nlog_type notice\nlog_type information\n"
@@ -298,6 +298,7 @@ class Arrival:
     lost: bool = False          # an explicit lost notice, not an answer
     reason: str | None = None
     devices: int = 0            # how many devices the answer fused
+    answer_ms: float | None = None   # capture to answer, by the gateway's clock (the result's latency_ms)
 
 
 class ResultLog:
@@ -352,12 +353,15 @@ def parse_arrival(body: object, at: float) -> Arrival | None:
     captured = body.get("captured")
     late_s = body.get("late_s")
     devices = body.get("devices")
+    answer_ms = body.get("latency_ms")
     return Arrival(event=body["event"], at=at, captured=float(captured) if isinstance(captured, (int, float)) else None,
                    exit=exit_ if isinstance(exit_, str) else None, late=body.get("late") is True,
                    late_s=float(late_s) if isinstance(late_s, (int, float)) else None,
                    lost=exit_ == "lost" or body.get("lost") is True,
                    reason=str(body["reason"]) if body.get("reason") is not None else None,
-                   devices=len(devices) if isinstance(devices, list) else 0)
+                   devices=len(devices) if isinstance(devices, list) else 0,
+                   answer_ms=float(answer_ms) if isinstance(answer_ms, (int, float)) and not isinstance(answer_ms, bool)
+                   else None)
 
 
 class Collector(Protocol):
