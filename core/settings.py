@@ -114,8 +114,10 @@ class GatewaySettings(Settings, frozen=True):
                               **_DEADLINE) = 2000.0
     cloud_tries: _field(int, "forwards of one event before it is answered from the edge exit, degraded",
                         ge=1, le=100) = 3
-    shed_after_ms: _field(float, "a scores or late frame that waited this long in the inbox is dropped unread "
-                                 "and counted; the devices replay its event (overload, docs/reliability.md)",
+    shed_after_ms: _field(float, "a scores or late frame that waited this long in the inbox, or a live frame "
+                                 "lagging the stream this long, is dropped unread and counted; the devices "
+                                 "replay its event; the gateway aims to lag by a quarter of it, thinning the "
+                                 "devices' stream when it cannot (overload, docs/reliability.md)",
                           **_DEADLINE) = 1000.0
 
 
