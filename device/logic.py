@@ -179,9 +179,11 @@ class DeviceLogic:
             now = self.clock.time()
             self.spool.ack(frame.events, now, busy=frame.busy)
             keep = frame.keep if frame.busy else 1
-            if keep != self.keep:
-                log.info("%s: the gateway asks for 1 event in %d live (was 1 in %d)", self.name, keep, self.keep)
+            if (keep > 1) != (self.keep > 1):        # a line when thinning starts and when it ends
+                log.info("%s: the gateway %s", self.name, f"is behind: publishing 1 event in {keep} live, spooling "
+                         "the others" if keep > 1 else "caught up: publishing every event live")
             self.keep, self.keep_until = keep, now + KEEP_FOR_S
+            self.stats.keep = keep
         return []
 
     def replay(self) -> list[Action]:
