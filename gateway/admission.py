@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from fogsplit.core.frames import MAX_KEEP
 
@@ -58,14 +58,14 @@ class AdmissionStats:
     thinned_s: float = 0.0        # of which the devices were asked to thin their stream
     raises: int = 0               # times ``keep`` went up
     lag_ms: float = 0.0           # the largest lag of a live frame in the last period
-    base_ms: dict = None          # per device: its usual age (clock offset plus transit)
+    base_ms: dict[str, float] = field(default_factory=dict)   # per device: its usual age (clock offset plus transit)
     capacity_fps: float | None = None   # live frames per second taken, measured the last time it was behind
 
 
 class Admission:
     """A plain object: ``lag`` for every live frame, ``took`` for each one not shed, ``shed``
-    for every frame the inbox shed, ``update`` once per ack period, which returns ``keep``; ``busy`` says whether the last period asked
-    the devices to hold their replays."""
+    for every frame the inbox shed, ``update`` once per ack period, which returns ``keep``;
+    ``busy`` says whether the last period asked the devices to hold their replays."""
 
     def __init__(self, *, target_s: float, now: float) -> None:
         if target_s <= 0:
