@@ -89,6 +89,9 @@ from fogsplit.bench.stack import BROKER_KINDS, Arrival, Proc, Stack, StackOption
     rss_mib, small_bundle
 from fogsplit.core.mqtt import MqttTransport, parse_broker_url, wait_until
 from fogsplit.core.topics import Topics
+from fogsplit.device.agent import REPLAY_PERIOD_S           # the synthetic devices replay as the agents do
+from fogsplit.device.logic import KEEP_FOR_S, REPLAY_BATCH
+from fogsplit.device.spool import MAX_REOFFER_S
 
 log = logging.getLogger(__name__)
 
@@ -97,10 +100,6 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 PUBLISHER = "from fogsplit.bench.load import publisher_main; import sys; sys.exit(publisher_main(sys.argv[1:]))"
 BARE_PUBLISHER = ("from fogsplit.bench.load import bare_publisher_main; import sys; "
                   "sys.exit(bare_publisher_main(sys.argv[1:]))")
-REPLAY_PERIOD_S = 0.2      # as device/agent.py
-REPLAY_BATCH = 64          # as device/logic.py
-MAX_REOFFER_S = 30.0       # as device/spool.py
-KEEP_FOR_S = 2.0           # as device/logic.py
 MAX_UNACKED = 100_000      # the synthetic spool's bound (events)
 SCAN_UNACKED = 4096        # events looked at per replay tick
 

@@ -168,7 +168,6 @@ class DeviceLogic:
             self.keep = 1
             log.info("%s: no busy ack from the gateway for %.0fs: publishing every event live again", self.name,
                      KEEP_FOR_S)
-        self.stats.keep = self.keep
         return self.spool is not None and self.keep > 1 and event % self.keep != 0
 
     @refusing
@@ -183,7 +182,6 @@ class DeviceLogic:
                 log.info("%s: the gateway %s", self.name, f"is behind: publishing 1 event in {keep} live, spooling "
                          "the others" if keep > 1 else "caught up: publishing every event live")
             self.keep, self.keep_until = keep, now + KEEP_FOR_S
-            self.stats.keep = keep
         return []
 
     def replay(self) -> list[Action]:
@@ -253,6 +251,6 @@ class DeviceLogic:
     def snapshot(self) -> DeviceStats:
         """The counters as they are now; the service adds what only it knows (process, inbox)."""
         spool = asdict(self.spool.stats) if self.spool is not None else {}
-        return replace(self.stats, time=round(self.clock.time(), 3), features_held=len(self.store),
+        return replace(self.stats, time=round(self.clock.time(), 3), keep=self.keep, features_held=len(self.store),
                        features_evicted=self.store.evicted, shard_ms=self.shard_window.percentiles(50, 99),
                        spool=spool)

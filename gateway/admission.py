@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from fogsplit.core.frames import MAX_KEEP
 
@@ -132,13 +132,16 @@ class Admission:
         self.busy = behind or keep > 1
         self.stats.busy_s += elapsed if self.busy else 0.0
         self.stats.thinned_s += elapsed if keep > 1 else 0.0
-        self.stats.keep = keep
         self.stats.lag_ms = round(self._max_lag * 1000.0, 1)
-        self.stats.base_ms = {d: round(1000.0 * u.value, 1) for d, u in self._baselines.items()}
         self._period_start = now
         self._shed = self._frames = self._lagging = self._taken = 0
         self._max_lag = self._lag_sum = 0.0
         return keep
+
+    def snapshot(self) -> dict:
+        """What the gateway's stats carry under ``admission``."""
+        return asdict(replace(self.stats, keep=self.keep,
+                              base_ms={d: round(1000.0 * u.value, 1) for d, u in self._baselines.items()}))
 
     def _next_keep(self, now: float, offered_fps: float | None) -> int:
         since = self._lagging_since

@@ -27,7 +27,7 @@ was never answered, and its answer says how late it came.
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import numpy as np
@@ -349,7 +349,7 @@ class GatewayLogic:
             cache_hit_rate=ratio(exits["cache"], past_local) if self.cache is not None else None,
             last_seen_s=ages(self.last_seen, now, self.sensors), thresholds=dict(self.thresholds),
             cache=self.cache.snapshot() if self.cache is not None else {},
-            admission=asdict(self.admission.stats),
+            admission=self.admission.snapshot(),
             fog=self.fog.snapshot() if self.fog is not None else {},
             journal={"rows": self.journal.rows, "pruned": self.journal.pruned, "file": str(self.journal.path)
                      if self.journal.path is not None else None})

@@ -94,7 +94,7 @@ def test_a_device_clock_offset_is_learned_and_one_odd_frame_does_not_move_it():
             adm.lag("cam0", 0.2, now)
             now += 0.1
     assert adm.lag("cam0", 0.3, now) == pytest.approx(0.1)  # ... replaces the old one within BASELINE_S
-    assert adm.update(now) == 1 and adm.stats.base_ms == {"cam0": 200.0}
+    assert adm.update(now) == 1 and adm.snapshot()["base_ms"] == {"cam0": 200.0}
 
 
 def test_a_few_stale_frames_among_fresh_ones_do_not_thin_the_stream():
